@@ -1,0 +1,15 @@
+"""Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402  (must follow the XLA_FLAGS line above)
+
+jax.config.update('jax_threefry_partitionable', True)
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: long-running; excluded from the default run')
