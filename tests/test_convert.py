@@ -1,0 +1,356 @@
+"""lm.convert: logits parity with transformers (Llama, Gemma 3), GGUF, round trips, bad input.
+
+Tiny random models are built locally with transformers (no network) and saved with
+save_pretrained; torch and transformers are test dependencies (tests/requirements.txt).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+gguf = pytest.importorskip('gguf')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from lm import model as lm_model  # noqa: E402
+from lm.convert import ConvertError  # noqa: E402
+from lm.convert import gguf as cgguf  # noqa: E402
+from lm.convert import hf as chf  # noqa: E402
+from lm.convert import spm as cspm  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+LLAMA_GQA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False, rope_theta=500_000.0,
+                 rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0,
+                               'high_freq_factor': 4.0, 'original_max_position_embeddings': 8})
+LLAMA_TIED = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+# 3 layers, global every 2nd: local, global, local; windows shorter than the test sequence.
+GEMMA3 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+              sliding_window_pattern=2, final_logit_softcapping=3.0, query_pre_attn_scalar=24,
+              tie_word_embeddings=True,
+              rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 2.0,
+                                                  'rope_theta': 100_000.0},
+                               'sliding_attention': {'rope_type': 'default',
+                                                     'rope_theta': 1000.0}})
+GEMMA3_UNTIED = dict(GEMMA3, tie_word_embeddings=False, final_logit_softcapping=None,
+                     num_key_value_heads=1, rope_parameters=None)
+
+
+def randomize(model, seed=0):
+  """Random weights everywhere (HF initialises Gemma norms at 0, which would hide mapping bugs)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if 'norm' in name else 0.1))
+  return model
+
+
+def hf_model(kind, **cfg):
+  if kind == 'llama':
+    config = transformers.LlamaConfig(**cfg, attn_implementation='eager')
+    return randomize(transformers.LlamaForCausalLM(config)).eval()
+  config = transformers.Gemma3TextConfig(**cfg, attn_implementation='eager')
+  return randomize(transformers.Gemma3ForCausalLM(config)).eval()
+
+
+def torch_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+def lm_logits(params_flat, model_cfg, tokens):
+  params = lm_model.unflatten_params({k: jnp.asarray(v) for k, v in params_flat.items()})
+  return np.asarray(lm_model.build_model(model_cfg).apply({'params': params}, jnp.asarray(tokens)))
+
+
+def random_tokens(vocab, shape=(2, 11), seed=0):
+  return np.random.RandomState(seed).randint(0, vocab, shape)
+
+
+@pytest.mark.parametrize('kind,cfg', [('llama', LLAMA_GQA), ('llama', LLAMA_TIED),
+                                      ('gemma3', GEMMA3), ('gemma3', GEMMA3_UNTIED)],
+                         ids=['llama-gqa-untied-rope3', 'llama-mha-tied', 'gemma3-gqa-tied-window',
+                              'gemma3-mqa-untied'])
+def test_hf_logits_match_transformers(tmp_path, kind, cfg):
+  model = hf_model(kind, **cfg)
+  model.save_pretrained(tmp_path)
+  params, m = chf.load_hf_params(tmp_path)
+  tokens = random_tokens(m.vocab_size)
+  diff = np.abs(lm_logits(params, m, tokens) - torch_logits(model, tokens)).max()
+  assert diff <= TOL, diff
+
+
+def test_gemma3_config_mapping():
+  m = chf.model_config_from_hf(json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()))
+  assert (m.sliding_window, m.global_every, m.rope_base, m.rope_local_base) == (4, 2, 1e5, 1e3)
+  assert (m.rope_scaling, m.rope_scaling_factor) == ('linear', 2.0)
+  assert m.norm_plus_one and m.qk_norm and m.post_attn_norm and m.scale_embeddings
+  assert m.attn_scale == pytest.approx(24 ** -0.5)
+  # The pre-5.x keys read the same.
+  legacy = {'model_type': 'gemma3_text', 'vocab_size': 8, 'hidden_size': 8, 'num_hidden_layers': 6,
+            'num_attention_heads': 2, 'intermediate_size': 8, 'head_dim': 4, 'rope_theta': 1e6,
+            'rope_local_base_freq': 1e4, 'sliding_window': 512, 'sliding_window_pattern': 6,
+            'rope_scaling': {'rope_type': 'linear', 'factor': 8.0}}
+  m = chf.model_config_from_hf(legacy)
+  assert (m.global_every, m.rope_base, m.rope_local_base, m.rope_scaling_factor) == (6, 1e6, 1e4, 8)
+
+
+# --------------------------------------------------------------------------- export / round trip
+
+
+def random_lm_params(model_cfg, seed=0, finetune=None):
+  import flax.linen as nn
+  model = lm_model.build_model(model_cfg, finetune)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))['params'])
+  keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), 1000))
+  # Random norms and LoRA B too, so nothing that the mapping could drop is zero.
+  return {k: np.asarray(jax.random.normal(next(keys), v.shape) * 0.1)
+          for k, v in lm_model.flatten_params(params).items()}
+
+
+@pytest.mark.parametrize('kind,cfg', [('llama', LLAMA_GQA), ('gemma3', GEMMA3)])
+def test_lm_to_hf_to_lm_is_exact(tmp_path, kind, cfg):
+  from lm import config as lm_config
+  model = hf_model(kind, **cfg)
+  model.save_pretrained(tmp_path / 'src')
+  _, m = chf.load_hf_params(tmp_path / 'src')
+  full = lm_config.base_config()
+  full.model = m
+  params = random_lm_params(m)
+  chf.export_params(params, full, tmp_path / 'hf')
+  back, m2 = chf.load_hf_params(tmp_path / 'hf')
+  assert m2.to_dict() == m.to_dict()
+  assert set(back) == set(params)
+  for k in params:
+    np.testing.assert_array_equal(back[k], params[k], err_msg=k)
+  # transformers loads the export and agrees with lm.
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+  tokens = random_tokens(m.vocab_size)
+  assert np.abs(lm_logits(params, m, tokens) - torch_logits(reloaded, tokens)).max() <= TOL
+
+
+def test_export_merges_lora_and_transformers_loads_it(tmp_path):
+  from lm import config as lm_config
+  cfg = lm_config.base_config()
+  cfg.model = chf.model_config_from_hf(json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()))
+  cfg.finetune.lora_rank, cfg.finetune.lora_alpha = 2, 4.0
+  cfg.finetune.lora_targets = ('.*attn/(q|v)/kernel', '.*mlp/wo/kernel')
+  params = random_lm_params(cfg.model, finetune=cfg.finetune)
+  assert any(k.endswith('lora_b') for k in params)
+  tokens = random_tokens(cfg.model.vocab_size)
+  with_lora = np.asarray(lm_model.build_model(cfg.model, cfg.finetune).apply(
+      {'params': lm_model.unflatten_params(params)}, jnp.asarray(tokens)))
+  chf.export_params(params, cfg, tmp_path)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+  assert np.abs(with_lora - torch_logits(reloaded, tokens)).max() <= TOL
+
+
+def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
+  from lm import config as lm_config
+  cfg = lm_config.base_config()
+  cfg.model.post_attn_norm = True  # Neither Llama nor Gemma 3.
+  with pytest.raises(ConvertError, match='neither Llama'):
+    chf.export_params(random_lm_params(cfg.model), cfg, tmp_path)
+
+
+# --------------------------------------------------------------------------- GGUF
+
+SPECIALS = ['<pad>', '<eos>', '<bos>', '<unk>']
+PIECES = ['\u2581', 'a', 'b', 'c', '\u2581a', '\u2581b', 'ab', '\u2581ab', 'abc', '\u2581abc']
+USER = ['  ', '   ', '\n']  # llama.cpp stores user-defined whitespace runs with real spaces.
+
+
+def tiny_vocab(size):
+  tokens = SPECIALS + [f'<0x{i:02X}>' for i in range(256)] + PIECES + USER
+  types = [3] * 4 + [6] * 256 + [1] * len(PIECES) + [4] * len(USER)
+  scores = [-1000.0] * 4 + [0.0] * 256 + [-float(i) for i in range(len(PIECES))] + [-1000.0] * 3
+  while len(tokens) < size:
+    tokens.append(f'<unused{len(tokens)}>')
+    types.append(3)
+    scores.append(-1000.0)
+  return tokens, scores, types
+
+
+def write_gguf(path, arch, hf, model, quantized=()):
+  """A GGUF as llama.cpp's converter writes it: renamed tensors, Gemma norms + 1, Llama q/k
+  permuted; tensors named in `quantized` stored as Q8_0."""
+  c = model.config
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(128)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(c.num_attention_heads)
+  w.add_head_count_kv(c.num_key_value_heads)
+  w.add_key_length(c.head_dim)
+  w.add_value_length(c.head_dim)
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  if arch == 'gemma3':
+    w.add_rope_freq_base(c.rope_parameters['full_attention']['rope_theta'])
+    w.add_sliding_window(c.sliding_window)
+  else:
+    w.add_rope_freq_base(c.rope_parameters['rope_theta'])
+  tokens, scores, types = tiny_vocab(c.vocab_size)
+  w.add_tokenizer_model('llama')
+  w.add_token_list(tokens)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_bos_token_id(2)
+  w.add_eos_token_id(1)
+  w.add_unk_token_id(3)
+  w.add_pad_token_id(0)
+  w.add_add_space_prefix(arch == 'llama')
+  n, tied = c.num_hidden_layers, c.tie_word_embeddings
+  hf_name_of = {path_: name for name, (path_, _) in chf.tensor_table(arch, n, tied).items()}
+  table = {hf_name_of[path_]: gname for gname, (path_, _) in cgguf.tensor_table(arch, n, tied).items()}
+  for name, x in model.state_dict().items():
+    if name not in table:
+      continue
+    x = x.numpy().astype(np.float32)
+    gname = table[name]
+    if arch == 'gemma3' and 'norm' in gname:
+      x = x + 1.0
+    if arch == 'llama' and ('attn_q.' in gname or 'attn_k.' in gname):
+      x = cgguf.permute_rope(x, c.num_attention_heads if 'attn_q.' in gname else c.num_key_value_heads)
+    if gname in quantized:
+      q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+      w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+      w.add_tensor(gname, x)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+
+# GGUF's Gemma 3 settings are llama.cpp's fixed ones: global every 6th layer, local base 1e4,
+# attention scale 1/sqrt(head_dim). Seven layers give local x5, global, local.
+GGUF_GEMMA3 = dict(vocab_size=288, hidden_size=64, intermediate_size=128, num_hidden_layers=7,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=4,
+                   query_pre_attn_scalar=32, tie_word_embeddings=True)
+GGUF_LLAMA = dict(vocab_size=288, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+QUANTIZED = ('blk.0.attn_q.weight', 'blk.0.ffn_down.weight', 'blk.1.attn_output.weight',
+             'token_embd.weight')
+
+
+def dequantize_like_gguf(model, names_hf):
+  """Replaces the torch weights that the GGUF stores as Q8_0 with their dequantised values."""
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name in names_hf:
+        x = p.numpy()
+        q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+        p.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(x.shape)))
+
+
+@pytest.mark.parametrize('arch,cfg,quantized', [
+    ('gemma3', GGUF_GEMMA3, ()), ('gemma3', GGUF_GEMMA3, QUANTIZED), ('llama', GGUF_LLAMA, QUANTIZED)],
+    ids=['gemma3-f32', 'gemma3-q8_0', 'llama-q8_0-permuted'])
+def test_gguf_logits_match_transformers(tmp_path, arch, cfg, quantized):
+  model = hf_model('gemma3' if arch == 'gemma3' else 'llama', **cfg)
+  hf_names = {'token_embd.weight': 'model.embed_tokens.weight',
+              'blk.0.attn_q.weight': 'model.layers.0.self_attn.q_proj.weight',
+              'blk.0.ffn_down.weight': 'model.layers.0.mlp.down_proj.weight',
+              'blk.1.attn_output.weight': 'model.layers.1.self_attn.o_proj.weight'}
+  dequantize_like_gguf(model, {hf_names[q] for q in quantized})
+  path = tmp_path / 'tiny.gguf'
+  write_gguf(path, arch, cfg, model, quantized)
+  reader = cgguf.open_reader(path)
+  assert {t.name: t.tensor_type.name for t in reader.tensors}.get('blk.0.attn_q.weight') == (
+      'Q8_0' if quantized else 'F32')
+  params, m = cgguf.load_gguf_params(reader, str(path))
+  tokens = random_tokens(m.vocab_size)
+  diff = np.abs(lm_logits(params, m, tokens) - torch_logits(model, tokens)).max()
+  assert diff <= TOL, diff
+
+
+def test_tokenizer_from_gguf_vocabulary(tmp_path):
+  model = hf_model('gemma3', **GGUF_GEMMA3)
+  path = tmp_path / 'tiny.gguf'
+  write_gguf(path, 'gemma3', GGUF_GEMMA3, model)
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_proto=cgguf.tokenizer_from_gguf(cgguf.open_reader(path), str(path)))
+  assert (sp.vocab_size(), sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()) == (288, 2, 1, 0, 3)
+  # BPE merges by score, spaces escaped, no dummy prefix, user-defined whitespace runs whole.
+  assert sp.encode('abc ab', out_type=str) == ['abc', '\u2581ab']
+  assert sp.encode('a  b', out_type=str) == ['a', '\u2581\u2581', 'b']
+  assert sp.encode('a\nb', out_type=str) == ['a', '\n', 'b']
+  text = 'héllo\twörld  ✓'
+  assert sp.decode(sp.encode(text)) == text  # Byte fallback: anything round-trips.
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_architecture(tmp_path):
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'gpt2'}))
+  with pytest.raises(ConvertError, match="model_type='gpt2'"):
+    chf.load_hf_params(tmp_path)
+
+
+def test_missing_config_and_wrong_file_type(tmp_path):
+  with pytest.raises(ConvertError, match='config.json'):
+    chf.load_hf_params(tmp_path)
+  bogus = tmp_path / 'model.gguf'
+  bogus.write_bytes(b'PK\x03\x04 not a gguf')
+  with pytest.raises(ConvertError, match='not a GGUF file'):
+    cgguf.open_reader(bogus)
+  model_dir = tmp_path / 'm'
+  hf_model('llama', **LLAMA_TIED).save_pretrained(model_dir)
+  (model_dir / 'model.safetensors').write_bytes(b'\x00' * 3)
+  with pytest.raises(ConvertError, match='not a safetensors file'):
+    chf.load_hf_params(model_dir)
+
+
+def _resave_without(src, dst, drop=None, reshape=None):
+  from safetensors.numpy import load_file, save_file
+  dst.mkdir()
+  (dst / 'config.json').write_text((src / 'config.json').read_text())
+  tensors = load_file(src / 'model.safetensors')
+  if drop:
+    del tensors[drop]
+  if reshape:
+    tensors[reshape] = tensors[reshape][:-1]
+  save_file(tensors, dst / 'model.safetensors')
+
+
+def test_missing_tensor_and_wrong_shape(tmp_path):
+  hf_model('llama', **LLAMA_GQA).save_pretrained(tmp_path / 'src')
+  _resave_without(tmp_path / 'src', tmp_path / 'a', drop='model.layers.1.mlp.up_proj.weight')
+  with pytest.raises(ConvertError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+    chf.load_hf_params(tmp_path / 'a')
+  _resave_without(tmp_path / 'src', tmp_path / 'b', reshape='model.layers.0.self_attn.k_proj.weight')
+  with pytest.raises(ConvertError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape "
+                     r"\(15, 32\), expected \(16, 32\) for lm parameter 'layers_0/attn/k/kernel'"):
+    chf.load_hf_params(tmp_path / 'b')
+
+
+def test_unsupported_options_are_named(tmp_path):
+  bad = json.loads(transformers.LlamaConfig(**LLAMA_TIED).to_json_string())
+  with pytest.raises(ConvertError, match='attention_bias'):
+    chf.model_config_from_hf({**bad, 'attention_bias': True})
+  with pytest.raises(ConvertError, match="rope_type='yarn'"):
+    chf.model_config_from_hf({**bad, 'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0}})
+  with pytest.raises(ConvertError, match='not periodic'):
+    chf.model_config_from_hf({**json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()),
+                              'layer_types': ['full_attention', 'sliding_attention', 'full_attention']})
+
+
+def test_bad_tokenizer_vocabulary():
+  with pytest.raises(ConvertError, match='appears twice'):
+    cspm.build_model_proto(['<unk>', 'a', 'a'], [0.0] * 3, [2, 1, 1], unk_id=0)
