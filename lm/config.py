@@ -108,6 +108,8 @@ def tokenizer_config() -> ConfigDict:
   c.character_coverage = 0.9995
   c.max_train_docs = 20_000  # Documents sampled to train the tokenizer.
   c.max_sentence_length = 8192
+  c.normalization = 'identity'  # SentencePiece rule: 'identity' keeps text byte-exact; 'nmt_nfkc' normalises.
+  c.split_digits = False  # True splits numbers into single digits.
   return c
 
 
@@ -135,6 +137,12 @@ def data_config() -> ConfigDict:
   c.max_chars = 200_000
   c.max_nontext_fraction = 0.3  # Drop documents with more than this share of non-text characters.
   c.worker_count = 0  # grain worker processes (0 = in-process).
+  c.builtin_kinds = ('docstrings', 'topics', 'source')  # Built-in corpus document kinds (lm.corpus.KINDS).
+  c.text_unit = 'file'  # Text files: 'file' (one document each) or 'paragraph' (blank-line-separated blocks).
+  c.prepared_dir = ''  # Token shards written by `python -m lm.data prepare`; '' tokenizes on the fly.
+  c.prepare_shards = 4  # ArrayRecord shards per split that `prepare` writes.
+  c.read_threads = 2  # Threads grain uses in-process to read and tokenize documents.
+  c.prefetch_batches = 2  # Batches a background thread prepares ahead of the train step (0 = none).
   return c
 
 
