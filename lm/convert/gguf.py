@@ -105,16 +105,29 @@ def string_array(reader, key: str) -> list[str]:
   return [bytes(field.parts[i]).decode('utf-8', errors='replace') for i in field.data]
 
 
-def read_tensor(tensor, source: str) -> np.ndarray:
-  """A GGUF tensor dequantised to float32, in numpy order ([out, in] for a linear layer)."""
+def read_tensor(tensor, source: str, chunk_rows: int = 8192) -> np.ndarray:
+  """A GGUF tensor dequantised to float32, in numpy order ([out, in] for a linear layer).
+
+  Dequantised in chunks of rows straight into the result, so a 262k-row embedding costs one
+  float32 copy instead of several (gguf's dequantisers build float32 temporaries per block).
+  """
   import gguf
+  shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first.
+  raw = tensor.data
+  if raw.ndim == 1:
+    raw = raw.reshape(1, -1)
+  raw = raw.reshape(-1, raw.shape[-1])
+  out = np.empty((raw.shape[0], shape[-1]), np.float32)
   try:
-    x = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    for i in range(0, raw.shape[0], chunk_rows):
+      out[i:i + chunk_rows] = gguf.quants.dequantize(raw[i:i + chunk_rows], tensor.tensor_type)
   except NotImplementedError:
     raise ConvertError(f"{source}: tensor '{tensor.name}' has type {tensor.tensor_type.name}, "
                        'which gguf cannot dequantise') from None
-  shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first.
-  return np.asarray(x, np.float32).reshape(shape)
+  except ValueError as e:  # A block count that does not fit the row: a damaged or odd file.
+    raise ConvertError(f"{source}: tensor '{tensor.name}' ({tensor.tensor_type.name}, shape "
+                       f'{shape}) cannot be dequantised: {e}') from None
+  return out.reshape(shape)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -191,10 +204,14 @@ def model_config_from_gguf(reader, source: str) -> ml_collections.ConfigDict:
 # --------------------------------------------------------------------------- import
 
 
-def load_gguf_params(reader, source: str) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
-  """(flat lm params as float32 numpy, lm model config) from an open GGUF reader."""
-  m = model_config_from_gguf(reader, source)
-  arch = architecture_of(reader, source)
+def load_gguf_params(reader, source: str, m: ml_collections.ConfigDict | None = None,
+                     arch: str | None = None) -> tuple[dict[str, np.ndarray], ml_collections.ConfigDict]:
+  """(flat lm params as float32 numpy, lm model config) from an open GGUF reader.
+
+  With `m` and `arch` given, the reader's metadata is not consulted (it may have been dropped).
+  """
+  if m is None or arch is None:
+    m, arch = model_config_from_gguf(reader, source), architecture_of(reader, source)
   table = tensor_table(arch, m.n_layers, m.tie_embeddings)
   shapes = expected_shapes(m)
   params: dict[str, np.ndarray] = {}
@@ -264,7 +281,7 @@ def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: 
     return None
   start = time.perf_counter()
   reader = open_reader(src)
-  params, m = load_gguf_params(reader, str(src))
+  m, arch = model_config_from_gguf(reader, str(src)), architecture_of(reader, str(src))
   tok_path = None
   if tokenizer:
     tok_path = str(pathlib.Path(tokenizer).resolve())
@@ -272,6 +289,10 @@ def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: 
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tok_path = spm.write_model(out / 'tokenizer.model', tokenizer_from_gguf(reader, str(src)))
+  # The parsed metadata of a 262k vocabulary is ~0.7 GB of small Python objects; drop it before
+  # the weights are dequantised, to keep peak memory near one copy of the weights.
+  reader.fields.clear()
+  params, m = load_gguf_params(reader, str(src), m, arch)
   del reader  # Unmaps the file before the checkpoint is written.
   seconds = time.perf_counter() - start
   cfg = write_converted(out_dir, params, m, tok_path, fp, str(src), seconds)

