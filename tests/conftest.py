@@ -9,6 +9,9 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 import jax  # noqa: E402  (must follow the XLA_FLAGS line above)
 
 jax.config.update('jax_threefry_partitionable', True)
+# Fake CPU devices run collectives on a small thread pool; with async dispatch two in-flight
+# steps can each hold threads the other's rendezvous waits for (a deadlock on 2 cores).
+jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
 def pytest_configure(config):

@@ -1,0 +1,487 @@
+"""A decoder-only Transformer in Flax linen, expressive enough for Llama 2/3 and Gemma 3.
+
+Pure-functional: `model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT)`.
+Every parameter carries logical axis names (lm/config.py DEFAULT_RULES maps them to mesh axes)
+and the main activations carry logical constraints, so the parallelism is a config change.
+
+Parameter paths (`/`-joined, as freezing, LoRA and conversion select them):
+  embed/embedding                       [vocab, embed]
+  layers_{i}/pre_attn_norm/scale        [embed]
+  layers_{i}/attn/{q,k,v,o}/kernel      q: [embed, heads, head_dim], k/v: [embed, kv_heads, head_dim],
+                                        o: [heads, head_dim, embed]
+  layers_{i}/attn/{q_norm,k_norm}/scale [head_dim]              (model.qk_norm)
+  layers_{i}/post_attn_norm/scale                               (model.post_attn_norm)
+  layers_{i}/pre_mlp_norm/scale
+  layers_{i}/mlp/{wi_0,wi_1}/kernel     [embed, mlp]  (gate, up);  mlp/wo/kernel [mlp, embed]
+  layers_{i}/post_mlp_norm/scale                                (model.post_mlp_norm)
+  final_norm/scale
+  lm_head/kernel                        [embed, vocab]          (untied only)
+  cls_head/{kernel,bias}                                        (model.num_classes > 0)
+With model.scan_layers the layers are one stacked subtree `layers/...` with a leading
+`layers` axis; `stack_layers` / `unstack_layers` convert between the two layouts.
+LoRA adapters live beside the kernel they adapt: `.../q/lora_a`, `.../q/lora_b`.
+
+Masks: a query attends to a key iff the key is not later (causal), has the same non-zero
+segment id (packed documents never see each other), and, on sliding-window layers, lies
+within the window. RoPE uses the per-token positions, which restart for every document.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+Array = jax.Array
+NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # Finite, so fully-masked rows stay NaN-free.
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def head_dim(cfg: ml_collections.ConfigDict) -> int:
+  return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+def layer_is_global(cfg: ml_collections.ConfigDict, layer: int) -> bool:
+  """Gemma 3 pattern: with a window, every `global_every`-th layer attends globally."""
+  if not cfg.sliding_window:
+    return True
+  return bool(cfg.global_every) and (layer + 1) % cfg.global_every == 0
+
+
+def layer_rope_base(cfg: ml_collections.ConfigDict, layer: int) -> float:
+  if layer_is_global(cfg, layer) or not cfg.rope_local_base:
+    return cfg.rope_base
+  return cfg.rope_local_base
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32; Gemma's variant scales by (1 + w), with w starting at 0."""
+  eps: float = 1e-6
+  plus_one: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+    scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    weight = scale.astype(jnp.float32) + (1.0 if self.plus_one else 0.0)
+    return (normed * weight).astype(self.dtype)
+
+
+class Linear(nn.Module):
+  """An einsum with a logically partitioned kernel and optional LoRA adapter.
+
+  The kernel has shape in_shape + out_shape. LoRA (when `lora_rank` > 0 and this kernel's path
+  matches one of `lora_targets`) adds scale * (x @ A) @ B with A: [in..., r], B: [r, out...];
+  B starts at zero so the adapted model equals the base model at step 0.
+  """
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
+  preferred_element_type: Any = None
+
+  def _lora_enabled(self) -> bool:
+    if not self.lora_rank:
+      return False
+    path = '/'.join(str(p) for p in self.path) + '/kernel'
+    path = re.sub(r'^layers/', 'layers_0/', path) if path.startswith('layers/') else path
+    return any(re.fullmatch(t, path) for t in self.lora_targets)
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    n_in = len(self.in_shape)
+    kernel = self.param(
+        'kernel',
+        nn.with_logical_partitioning(
+            nn.initializers.normal(self.init_std), self.in_axes + self.out_axes),
+        self.in_shape + self.out_shape, self.param_dtype)
+    in_letters = 'abcd'[:n_in]
+    out_letters = 'wxyz'[:len(self.out_shape)]
+    spec = f'...{in_letters},{in_letters}{out_letters}->...{out_letters}'
+    y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype),
+                   preferred_element_type=self.preferred_element_type)
+    if self._lora_enabled():
+      a = self.param('lora_a',
+                     nn.with_logical_partitioning(
+                         nn.initializers.normal(1.0 / math.sqrt(math.prod(self.in_shape))),
+                         self.in_axes + ('lora_rank',)),
+                     self.in_shape + (self.lora_rank,), self.param_dtype)
+      b = self.param('lora_b',
+                     nn.with_logical_partitioning(nn.initializers.zeros,
+                                                  ('lora_rank',) + self.out_axes),
+                     (self.lora_rank,) + self.out_shape, self.param_dtype)
+      h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
+      h = jnp.einsum(f'...{in_letters},{in_letters}r->...r', h.astype(self.dtype), a.astype(self.dtype))
+      h = jnp.einsum(f'...r,r{out_letters}->...{out_letters}', h, b.astype(self.dtype))
+      y = y + (self.lora_alpha / self.lora_rank) * h.astype(y.dtype)
+    return y
+
+
+def rope_inv_freq(cfg: ml_collections.ConfigDict, base: Array | float, dim: int,
+                  apply_scaling: bool) -> Array:
+  """Inverse frequencies of RoPE; Llama 3.1 / linear scaling apply to global layers only."""
+  inv_freq = 1.0 / (jnp.asarray(base, jnp.float32) ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  if not apply_scaling or cfg.rope_scaling == 'none':
+    return inv_freq
+  if cfg.rope_scaling == 'linear':
+    return inv_freq / cfg.rope_scaling_factor
+  # 'llama3': long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
+  factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (old_len / wavelen - low) / (high - low)
+  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+  return jnp.where(is_medium, blended, scaled)
+
+
+def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotate-half RoPE (the layout Hugging Face Llama/Gemma checkpoints store q/k in)."""
+  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
+  angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+  x32 = x_BTHD.astype(jnp.float32)
+  half = x32.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * jnp.cos(angles_BTD) + rotated * jnp.sin(angles_BTD)).astype(x_BTHD.dtype)
+
+
+def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,
+                   k_segment_BS: Array, window: Array | int) -> Array:
+  """[B, 1, T, S] bool: causal, same non-zero segment, and within `window` when window > 0."""
+  q_idx = q_index_BT[:, None, :, None]
+  k_idx = k_index_BS[:, None, None, :]
+  allowed = k_idx <= q_idx
+  allowed &= q_segment_BT[:, None, :, None] == k_segment_BS[:, None, None, :]
+  allowed &= k_segment_BS[:, None, None, :] != 0
+  in_window = (q_idx - k_idx) < window
+  return allowed & ((window <= 0) | in_window)
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; `attend` is the tied output projection."""
+  vocab_size: int
+  d_model: int
+  init_std: float = 0.02
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                  ('vocab', 'embed')),
+        (self.vocab_size, self.d_model), self.param_dtype)
+
+  def __call__(self, tokens_BT: Array) -> Array:
+    return jnp.take(self.embedding, tokens_BT, axis=0)
+
+  def attend(self, hidden_BTD: Array) -> Array:
+    return jnp.einsum('btd,vd->btv', hidden_BTD, self.embedding.astype(hidden_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class ClassHead(nn.Module):
+  """Linear classifier in float32 on a pooled hidden state."""
+  num_classes: int
+  init_std: float = 0.02
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled_BD: Array) -> Array:
+    kernel = self.param('kernel', nn.with_logical_partitioning(
+        nn.initializers.normal(self.init_std), ('embed', 'classes')),
+                        (pooled_BD.shape[-1], self.num_classes), self.param_dtype)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('classes',)),
+                      (self.num_classes,), self.param_dtype)
+    return pooled_BD.astype(jnp.float32) @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class Attention(nn.Module):
+  cfg: ml_collections.ConfigDict
+  lora: ml_collections.ConfigDict | None = None
+
+  def _linear(self, name, in_shape, out_shape, in_axes, out_axes):
+    m, lora = self.cfg, self.lora
+    return Linear(in_shape, out_shape, in_axes, out_axes, init_std=m.init_std,
+                  dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
+                  lora_rank=lora.lora_rank if lora else 0,
+                  lora_alpha=lora.lora_alpha if lora else 1.0,
+                  lora_dropout=lora.lora_dropout if lora else 0.0,
+                  lora_targets=tuple(lora.lora_targets) if lora else (), name=name)
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array,
+               is_global: Array | bool, rope_base: Array | float, deterministic: bool = True,
+               decode: bool = False) -> Array:
+    m = self.cfg
+    D, H, K, Dh = m.d_model, m.n_heads, m.n_kv_heads, head_dim(m)
+    q_BTHD = self._linear('q', (D,), (H, Dh), ('embed',), ('heads', 'head_dim'))(x_BTD, deterministic)
+    k_BTKD = self._linear('k', (D,), (K, Dh), ('embed',), ('kv_heads', 'head_dim'))(x_BTD, deterministic)
+    v_BTKD = self._linear('v', (D,), (K, Dh), ('embed',), ('kv_heads', 'head_dim'))(x_BTD, deterministic)
+    if m.qk_norm:
+      norm = lambda name: RMSNorm(m.norm_eps, m.norm_plus_one, _dtype(m.dtype), _dtype(m.param_dtype), name=name)
+      q_BTHD, k_BTKD = norm('q_norm')(q_BTHD), norm('k_norm')(k_BTKD)
+    inv_freq = rope_inv_freq(m, rope_base, Dh, apply_scaling=True)
+    if m.sliding_window and m.rope_local_base:
+      # Local layers use their own base without the global layers' scaling (as Gemma 3 does).
+      inv_freq = jnp.where(is_global, inv_freq, rope_inv_freq(m, rope_base, Dh, apply_scaling=False))
+    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+    q_BTHD = nn.with_logical_constraint(q_BTHD, ('act_batch', 'act_length', 'act_heads', None))
+    k_BTKD = nn.with_logical_constraint(k_BTKD, ('act_batch', 'act_length', 'act_kv_heads', None))
+
+    B, T = x_BTD.shape[:2]
+    q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if decode:
+      k_BTKD, v_BTKD, k_segment_BS, k_index_BS, q_index_BT = self._update_cache(
+          k_BTKD, v_BTKD, segment_ids_BT)
+    else:
+      k_segment_BS, k_index_BS = segment_ids_BT, q_index_BT
+    window = jnp.where(is_global, 0, m.sliding_window) if m.sliding_window else 0
+    mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
+
+    scale = m.attn_scale or Dh ** -0.5
+    G = H // K
+    q_BTKGD = (q_BTHD * jnp.asarray(scale, q_BTHD.dtype)).reshape(B, T, K, G, Dh)
+    scores_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BTKD,
+                              preferred_element_type=jnp.float32)
+    if m.attn_logit_softcap:
+      scores_BKGTS = m.attn_logit_softcap * jnp.tanh(scores_BKGTS / m.attn_logit_softcap)
+    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BTKD.dtype)
+    out_BTKGD = jnp.einsum('bkgts,bskd->btkgd', probs_BKGTS, v_BTKD)
+    out_BTHD = out_BTKGD.reshape(B, T, H, Dh)
+    out_BTHD = nn.with_logical_constraint(out_BTHD, ('act_batch', 'act_length', 'act_heads', None))
+    return self._linear('o', (H, Dh), (D,), ('heads', 'head_dim'), ('embed',))(out_BTHD, deterministic)
+
+  def _update_cache(self, k_BTKD, v_BTKD, segment_ids_BT):
+    """Writes new keys/values at the cache index; returns the whole cache to attend over.
+
+    The cache is created by `init_cache` (a forward pass with full-length dummy inputs), so its
+    length is the maximum decode length.
+    """
+    is_init = not self.has_variable('cache', 'key')
+    key = self.variable('cache', 'key', jnp.zeros, k_BTKD.shape, k_BTKD.dtype)
+    value = self.variable('cache', 'value', jnp.zeros, v_BTKD.shape, v_BTKD.dtype)
+    segment = self.variable('cache', 'segment', jnp.zeros, segment_ids_BT.shape, jnp.int32)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    B, T = segment_ids_BT.shape
+    S = key.value.shape[1]
+    if is_init:
+      idx = jnp.broadcast_to(jnp.arange(T), (B, T))
+      return k_BTKD, v_BTKD, segment_ids_BT, idx, idx
+    i = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BTKD.astype(key.value.dtype), (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BTKD.astype(value.value.dtype), (0, i, 0, 0))
+    segment.value = jax.lax.dynamic_update_slice(segment.value, segment_ids_BT.astype(jnp.int32), (0, i))
+    index.value = i + T
+    k_index_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
+    q_index_BT = jnp.broadcast_to(i + jnp.arange(T), (B, T))
+    return key.value, value.value, segment.value, k_index_BS, q_index_BT
+
+
+class Mlp(nn.Module):
+  cfg: ml_collections.ConfigDict
+  lora: ml_collections.ConfigDict | None = None
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
+    m, lora = self.cfg, self.lora
+    lin = lambda name, i, o, ia, oa: Linear(
+        i, o, ia, oa, init_std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
+        lora_rank=lora.lora_rank if lora else 0, lora_alpha=lora.lora_alpha if lora else 1.0,
+        lora_dropout=lora.lora_dropout if lora else 0.0,
+        lora_targets=tuple(lora.lora_targets) if lora else (), name=name)
+    gate_BTF = lin('wi_0', (m.d_model,), (m.mlp_dim,), ('embed',), ('mlp',))(x_BTD, deterministic)
+    up_BTF = lin('wi_1', (m.d_model,), (m.mlp_dim,), ('embed',), ('mlp',))(x_BTD, deterministic)
+    if m.mlp_activation == 'silu':
+      act_BTF = nn.silu(gate_BTF)
+    else:
+      act_BTF = nn.gelu(gate_BTF, approximate=(m.mlp_activation == 'gelu_tanh'))
+    h_BTF = nn.with_logical_constraint(act_BTF * up_BTF, ('act_batch', 'act_length', 'act_mlp'))
+    return lin('wo', (m.mlp_dim,), (m.d_model,), ('mlp',), ('embed',))(h_BTF, deterministic)
+
+
+class Block(nn.Module):
+  """Pre-norm block; Gemma 3 adds norms on the attention and MLP outputs."""
+  cfg: ml_collections.ConfigDict
+  lora: ml_collections.ConfigDict | None = None
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD, layer_info, positions_BT, segment_ids_BT, deterministic=True):
+    m = self.cfg
+    is_global, rope_base = layer_info
+    norm = lambda name: RMSNorm(m.norm_eps, m.norm_plus_one, _dtype(m.dtype), _dtype(m.param_dtype), name=name)
+    h_BTD = Attention(m, self.lora, name='attn')(
+        norm('pre_attn_norm')(x_BTD), positions_BT, segment_ids_BT, is_global, rope_base,
+        deterministic, self.decode)
+    if m.post_attn_norm:
+      h_BTD = norm('post_attn_norm')(h_BTD)
+    x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
+    h_BTD = Mlp(m, self.lora, name='mlp')(norm('pre_mlp_norm')(x_BTD), deterministic)
+    if m.post_mlp_norm:
+      h_BTD = norm('post_mlp_norm')(h_BTD)
+    x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
+    x_BTD = nn.with_logical_constraint(x_BTD, ('act_batch', 'act_length', 'act_embed'))
+    return x_BTD, None
+
+
+def _remat_policy(name: str):
+  if name == 'save_matmuls':
+    return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+  return None  # 'full': save nothing, recompute the whole block.
+
+
+class Transformer(nn.Module):
+  """`__call__` returns float32 logits [B, T, V] (head='lm'), class logits [B, C]
+  (head='classify'), the final hidden states [B, T, D] (head='hidden'), or all three
+  (head='all', used at init so every head's parameters exist)."""
+  cfg: ml_collections.ConfigDict
+  lora: ml_collections.ConfigDict | None = None
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, *, deterministic: bool = True,
+               head: str = 'lm'):
+    m = self.cfg
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    embed = Embed(m.vocab_size, m.d_model, m.init_std, _dtype(m.param_dtype), name='embed')
+    x_BTD = embed(tokens_BT).astype(_dtype(m.dtype))
+    if m.scale_embeddings:
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(m.d_model), _dtype(m.dtype))
+    x_BTD = nn.with_logical_constraint(x_BTD, ('act_batch', 'act_length', 'act_embed'))
+
+    x_BTD = self._layers(x_BTD, positions_BT, segment_ids_BT, deterministic)
+    hidden_BTD = RMSNorm(m.norm_eps, m.norm_plus_one, _dtype(m.dtype), _dtype(m.param_dtype),
+                         name='final_norm')(x_BTD)
+    outputs = {}
+    if head in ('lm', 'all'):
+      outputs['lm'] = self._lm_logits(hidden_BTD, embed)
+    if head in ('classify', 'all') and m.num_classes:
+      outputs['classify'] = self._class_logits(hidden_BTD, segment_ids_BT)
+    if head in ('hidden', 'all'):
+      outputs['hidden'] = hidden_BTD
+    return outputs if head == 'all' else outputs[head]
+
+  def _layers(self, x_BTD, positions_BT, segment_ids_BT, deterministic):
+    m = self.cfg
+    block_cls = Block
+    if m.remat != 'none':
+      block_cls = nn.remat(Block, policy=_remat_policy(m.remat), prevent_cse=not m.scan_layers,
+                           static_argnums=(5,))
+    is_global = np.array([layer_is_global(m, i) for i in range(m.n_layers)])
+    rope_base = np.array([layer_rope_base(m, i) for i in range(m.n_layers)], np.float32)
+    if m.scan_layers:
+      scanned = nn.scan(
+          block_cls, variable_axes={'params': 0, 'cache': 0},
+          split_rngs={'params': True, 'dropout': True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=m.n_layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x_BTD, _ = scanned(m, self.lora, self.decode, name='layers')(
+          x_BTD, (jnp.asarray(is_global), jnp.asarray(rope_base)), positions_BT, segment_ids_BT,
+          deterministic)
+      return x_BTD
+    for i in range(m.n_layers):
+      x_BTD, _ = block_cls(m, self.lora, self.decode, name=f'layers_{i}')(
+          x_BTD, (bool(is_global[i]), float(rope_base[i])), positions_BT, segment_ids_BT,
+          deterministic)
+    return x_BTD
+
+  def _lm_logits(self, hidden_BTD, embed):
+    m = self.cfg
+    if m.tie_embeddings:
+      logits_BTV = embed.attend(hidden_BTD)
+    else:
+      logits_BTV = Linear((m.d_model,), (m.vocab_size,), ('embed',), ('vocab',),
+                          init_std=m.init_std, dtype=_dtype(m.dtype),
+                          param_dtype=_dtype(m.param_dtype), preferred_element_type=jnp.float32,
+                          name='lm_head')(hidden_BTD)
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    if m.final_logit_softcap:
+      logits_BTV = m.final_logit_softcap * jnp.tanh(logits_BTV / m.final_logit_softcap)
+    return nn.with_logical_constraint(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
+
+  def _class_logits(self, hidden_BTD, segment_ids_BT):
+    """Classifies from the hidden state of each row's last real (non-padding) token."""
+    m = self.cfg
+    last_B = jnp.maximum(jnp.sum(segment_ids_BT != 0, axis=1) - 1, 0)
+    pooled_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
+    return ClassHead(m.num_classes, m.init_std, _dtype(m.param_dtype), name='cls_head')(pooled_BD)
+
+
+def build_model(cfg: ml_collections.ConfigDict, finetune: ml_collections.ConfigDict | None = None,
+                decode: bool = False) -> Transformer:
+  """The model for a (model, finetune) config pair; LoRA is on when finetune.lora_rank > 0."""
+  lora = finetune if finetune is not None and finetune.lora_rank > 0 else None
+  return Transformer(cfg, lora=lora, decode=decode)
+
+
+# --------------------------------------------------------------------------- parameter paths
+
+
+def flatten_params(params) -> dict[str, Any]:
+  """{'a/b/kernel': leaf} for a nested params dict."""
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    flat['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)] = leaf
+  return flat
+
+
+def unflatten_params(flat: dict[str, Any]) -> dict:
+  nested: dict = {}
+  for path, leaf in flat.items():
+    node = nested
+    *parents, last = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return nested
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+  """layers_{i}/... -> layers/... with a leading layer axis (the scan layout)."""
+  params = dict(params)
+  per_layer = [params.pop(f'layers_{i}') for i in range(n_layers)]
+  params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return params
+
+
+def unstack_layers(params: dict, n_layers: int) -> dict:
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(n_layers):
+    params[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -1,0 +1,256 @@
+"""Train state, task losses, and the pure `train_step` / `eval_step`.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of pytrees, jitted with the
+state's shardings on the way in and out and the state donated. Gradients are taken only with
+respect to the trainable parameters (a flat {path: array} dict); frozen ones are passed through
+untouched, so they stay bitwise equal and hold no optimizer state.
+
+Batches are dicts of [B, T] arrays: inputs, targets, segment_ids, positions, loss_mask (and
+labels [B] for classification). Logits, softmax and loss are float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from lm import model as model_lib
+from lm.optim import global_norm
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # Nested dict of all parameters (trainable and frozen).
+  opt_state: Any  # Optimizer state of the trainable parameters only (flat {path: ...}).
+  rng: jax.Array
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Summed next-token cross-entropy and summed z-loss, both weighted by the loss mask."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  nll_BT = log_z_BT - target_logit_BT
+  z_BT = z_loss * jnp.square(log_z_BT)
+  return jnp.sum(nll_BT * weights_BT), jnp.sum(z_BT * weights_BT)
+
+
+def batch_weight(batch: dict, task: str) -> jax.Array:
+  """What the loss is averaged over: real target tokens, or rows for classification."""
+  if task == 'classify':
+    return jnp.asarray(batch['labels'].shape[0], jnp.float32)
+  return jnp.sum(batch['loss_mask'].astype(jnp.float32))
+
+
+def task_loss(model: nn.Module, params, batch: dict, task: str, z_loss: float,
+              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Summed loss of one (micro-)batch, plus summed statistics for metrics."""
+  deterministic = dropout_rng is None
+  rngs = {} if deterministic else {'dropout': dropout_rng}
+  if task == 'classify':
+    logits_BC = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                            batch['segment_ids'], deterministic=deterministic, head='classify',
+                            rngs=rngs)
+    labels_B = batch['labels']
+    log_probs_BC = jax.nn.log_softmax(logits_BC.astype(jnp.float32))
+    nll_sum = -jnp.sum(jnp.take_along_axis(log_probs_BC, labels_B[:, None], axis=-1))
+    correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B)
+    return nll_sum, {'nll_sum': nll_sum, 'z_sum': jnp.zeros(()), 'correct': correct}
+  logits_BTV = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                           batch['segment_ids'], deterministic=deterministic, rngs=rngs)
+  weights_BT = batch['loss_mask'].astype(jnp.float32)
+  nll_sum, z_sum = cross_entropy(logits_BTV, batch['targets'], weights_BT, z_loss)
+  correct = jnp.sum((jnp.argmax(logits_BTV, -1) == batch['targets']) * weights_BT)
+  return nll_sum + z_sum, {'nll_sum': nll_sum, 'z_sum': z_sum, 'correct': correct}
+
+
+# --------------------------------------------------------------------------- train step
+
+
+def _microbatches(batch: dict, num: int) -> dict:
+  """[B, ...] -> [num, B/num, ...], taking every num-th row so each micro-batch is spread
+  over all devices (contiguous slices would sit on a subset of the batch shards)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // num, num) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
+                    trainable: list[str], *, task: str = 'lm', z_loss: float = 0.0,
+                    grad_accum: int = 1) -> Callable:
+  """Builds the pure train step for this model, optimizer and trainable set."""
+  trainable = tuple(sorted(trainable))
+
+  def loss_of_trainable(train_flat, frozen_flat, batch, weight, dropout_rng):
+    params = model_lib.unflatten_params({**frozen_flat, **train_flat})
+    loss_sum, stats = task_loss(model, params, batch, task, z_loss, dropout_rng)
+    return loss_sum / weight, stats
+
+  grad_fn = jax.grad(loss_of_trainable, has_aux=True)
+
+  def gradients(train_flat, frozen_flat, batch, dropout_rng):
+    weight = jnp.maximum(batch_weight(batch, task), 1.0)
+    if grad_accum == 1:
+      return grad_fn(train_flat, frozen_flat, batch, weight, dropout_rng)
+    micro = _microbatches(batch, grad_accum)
+    rngs = jax.random.split(dropout_rng, grad_accum)
+
+    def body(acc, xs):
+      mb, rng = xs
+      grads, stats = grad_fn(train_flat, frozen_flat, mb, weight, rng)
+      return jax.tree.map(jnp.add, acc, (grads, stats)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, train_flat)
+    zero_stats = {'nll_sum': jnp.zeros(()), 'z_sum': jnp.zeros(()), 'correct': jnp.zeros(())}
+    (grads, stats), _ = jax.lax.scan(body, (zeros, zero_stats), (micro, rngs))
+    return grads, stats
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    flat = model_lib.flatten_params(state.params)
+    train_flat = {p: flat[p] for p in trainable}
+    frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}
+    rng, dropout_rng = jax.random.split(state.rng)
+    grads, stats = gradients(train_flat, frozen_flat, batch, dropout_rng)
+    grad_norm = global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state.opt_state, train_flat)
+    new_train = optax.apply_updates(train_flat, updates)
+
+    weight = jnp.maximum(batch_weight(batch, task), 1.0)
+    loss = stats['nll_sum'] / weight
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step leaves params and optimizer state as they were (the loop counts it).
+    keep_new = lambda new, old: jnp.where(finite, new, old)
+    new_train = jax.tree.map(keep_new, new_train, train_flat)
+    new_opt_state = jax.tree.map(keep_new, new_opt_state, state.opt_state)
+    params = model_lib.unflatten_params({**frozen_flat, **new_train})
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=new_opt_state, rng=rng)
+    metrics = {
+        'loss': loss,
+        'z_loss': stats['z_sum'] / weight,
+        'accuracy': stats['correct'] / weight,
+        'grad_norm': grad_norm,
+        'lr': schedule(state.step),
+        'tokens': jnp.sum(batch['segment_ids'] != 0),
+        'skipped': 1 - finite.astype(jnp.int32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, *, task: str = 'lm') -> Callable:
+  """eval_step(params, batch) -> summed statistics (the loop divides by `weight`)."""
+
+  def eval_step(params, batch: dict) -> dict:
+    loss_sum, stats = task_loss(model, params, batch, task, 0.0)
+    del loss_sum
+    out = {'nll_sum': stats['nll_sum'], 'correct': stats['correct'],
+           'weight': batch_weight(batch, task)}
+    if task == 'classify':
+      logits_BC = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                              batch['segment_ids'], head='classify')
+      out['predictions'] = jnp.argmax(logits_BC, -1)
+      out['labels'] = batch['labels']
+    return out
+
+  return eval_step
+
+
+# --------------------------------------------------------------------------- state creation
+
+
+def init_fn(model: nn.Module, seq_len: int, num_classes: int = 0) -> Callable:
+  """rng -> boxed params (with logical axis metadata), for eval_shape and sharded init."""
+  head = 'all' if num_classes else 'lm'
+
+  def init(rng):
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return model.init(rng, tokens, head=head)['params']
+
+  return init
+
+
+def state_shardings(params_shardings, tx, abstract_train_flat, train_shardings_flat, mesh):
+  """Shardings for TrainState: optimizer moments follow their parameter; scalars replicate."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_train_flat)
+  opt_shardings = optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, train_shardings_flat,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params_shardings, opt_state=opt_shardings,
+                    rng=replicated)
+
+
+def create_train_state(model: nn.Module, tx, trainable: list[str], mesh, rules, *, seed: int,
+                       seq_len: int, num_classes: int = 0, params=None):
+  """A sharded TrainState: fresh params (born sharded) or the given ones placed on the mesh.
+
+  Returns (state, state_shardings).
+  """
+  from lm import sharding as sharding_lib  # Local import keeps step.py free of mesh code paths.
+
+  rng = jax.random.key(seed)
+  params_rng, state_rng = jax.random.split(rng)
+  abstract_params, params_shardings = sharding_lib.abstract_and_shardings(
+      init_fn(model, seq_len, num_classes), mesh, rules, params_rng)
+  if params is None:
+    params, _ = sharding_lib.init_sharded(init_fn(model, seq_len, num_classes), mesh, rules,
+                                          params_rng)
+  else:
+    params = jax.device_put(params, params_shardings)
+  abstract_flat = model_lib.flatten_params(abstract_params)
+  shardings_flat = model_lib.flatten_params(params_shardings)
+  abstract_train = {p: abstract_flat[p] for p in trainable}
+  train_shardings = {p: shardings_flat[p] for p in trainable}
+  shardings = state_shardings(params_shardings, tx, abstract_train, train_shardings, mesh)
+  flat = model_lib.flatten_params(params)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)({p: flat[p] for p in trainable})
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                     opt_state=opt_state, rng=jax.device_put(state_rng, shardings.rng))
+  return state, shardings
+
+
+def jit_train_step(train_step: Callable, shardings: TrainState, batch_shardings) -> Callable:
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_step: Callable, params_shardings, batch_shardings) -> Callable:
+  return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings))
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward), the MFU numerator.
+
+  Forward, per token: 2 FLOPs per weight of every matmul (q, k, v, o, gate, up, down and the
+  output projection; the embedding lookup is free), plus attention: QK^T and PV each cost
+  2 * n_heads * head_dim per key attended. A causal layer attends to T/2 keys on average
+  (counted at half); a sliding-window layer to min(window, T/2). Recomputation from remat is
+  not counted (this is model FLOPs, not hardware FLOPs).
+  """
+  dh = model_lib.head_dim(m)
+  attn_weights = m.d_model * dh * (2 * m.n_heads + 2 * m.n_kv_heads)
+  mlp_weights = 3 * m.d_model * m.mlp_dim
+  matmul_flops = 2 * (m.n_layers * (attn_weights + mlp_weights) + m.d_model * m.vocab_size)
+  attn_flops = 0.0
+  for layer in range(m.n_layers):
+    keys = seq_len / 2
+    if not model_lib.layer_is_global(m, layer):
+      keys = min(m.sliding_window, seq_len / 2)
+    attn_flops += 2 * 2 * m.n_heads * dh * keys
+  return 3.0 * (matmul_flops + attn_flops)
