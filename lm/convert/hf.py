@@ -369,7 +369,8 @@ def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
                no_tokenizer: bool = False, force: bool = False, log=print):
   """Hugging Face directory -> lm output directory (checkpoint, tokenizer, config). Cached."""
   src = pathlib.Path(src)
-  read_hf_config(src)  # Fails early with a clear message on a wrong directory.
+  # Fails early, with one clear message, on a wrong directory or an unsupported model.
+  model_config_from_hf(read_hf_config(src), str(src / CONFIG_JSON))
   tokenizer_src = _tokenizer_source(src, tokenizer, no_tokenizer)
   files = hf_source_files(src) + ([pathlib.Path(tokenizer_src)] if tokenizer_src else [])
   fp = fingerprint(files, {'kind': 'hf', 'tokenizer': tokenizer_src, 'no_tokenizer': no_tokenizer})
