@@ -49,7 +49,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 def model_config() -> ConfigDict:
   """Decoder-only Transformer; options are enough to express Llama 2/3 and Gemma 3 exactly."""
   m = ConfigDict()
-  m.vocab_size = 256  # Rows of the embedding table; the tokenizer's size when 0 is not allowed.
+  m.vocab_size = 0  # Rows of the embedding table; 0 = the tokenizer's vocabulary size.
   m.d_model = 128  # Width of the residual stream.
   m.n_layers = 2
   m.n_heads = 4  # Query heads.
@@ -240,7 +240,7 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 def validate_model(m: ConfigDict, prefix: str = 'model.') -> None:
-  _require(m.vocab_size > 0, f'{prefix}vocab_size', f'must be > 0, got {m.vocab_size}')
+  _require(m.vocab_size >= 0, f'{prefix}vocab_size', f'must be >= 0 (0 = from the tokenizer), got {m.vocab_size}')
   _require(m.n_layers > 0, f'{prefix}n_layers', f'must be > 0, got {m.n_layers}')
   _require(m.n_heads > 0, f'{prefix}n_heads', f'must be > 0, got {m.n_heads}')
   if not m.head_dim:

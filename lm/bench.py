@@ -1,0 +1,123 @@
+"""Benchmarks: train-step speed and MFU, and a no-allocation memory plan (--dry-run).
+
+  python -m lm.bench --config=configs/bench_cpu.py            # step time, tokens/s, MFU
+  python -m lm.bench --config=configs/llama_1b.py --dry-run --devices=32
+
+MFU is model FLOPs (lm.step.flops_per_token) per second over the peak: on CPU the peak is
+measured in the same run as the float32 throughput of a large jnp.dot on the same devices,
+so the ratio says how close the step comes to the machine's own matmul speed; on GPU/TPU
+pass --config.train.peak_flops (per device) or rely on the built-in table.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from lm import config as config_lib
+from lm import model as model_lib
+from lm import metrics, optim, sharding, step
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats (median reported).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Memory plan only: nothing is allocated or run.')
+_DEVICES = flags.DEFINE_integer('devices', 0, 'Dry run: plan for this many devices '
+                                '(default: the local ones).')
+_JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+
+def random_batch(cfg, rows: int) -> dict:
+  rng = np.random.default_rng(0)
+  T, V = cfg.data.seq_len, cfg.model.vocab_size
+  tokens = rng.integers(0, V, (rows, T + 1)).astype(np.int32)
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
+              segment_ids=np.ones((rows, T), np.int32),
+              positions=np.tile(np.arange(T, dtype=np.int32), (rows, 1)),
+              loss_mask=np.ones((rows, T), np.float32))
+
+
+def build(cfg, mesh):
+  model = model_lib.build_model(cfg.model)
+  rules = cfg.mesh.rules
+  abstract, _ = sharding.abstract_and_shardings(step.init_fn(model, cfg.data.seq_len), mesh,
+                                                rules, jax.random.key(0))
+  paths = list(model_lib.flatten_params(abstract))
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps, paths)
+  return model, tx, schedule, paths
+
+
+def run_benchmark(cfg) -> dict:
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = cfg.mesh.rules
+  model, tx, schedule, paths = build(cfg, mesh)
+  state, shardings = step.create_train_state(model, tx, paths, mesh, rules, seed=cfg.seed,
+                                             seq_len=cfg.data.seq_len)
+  batch = sharding.shard_batch(random_batch(cfg, cfg.data.batch_size // jax.process_count()),
+                               mesh, rules)
+  train_step = step.jit_train_step(
+      step.make_train_step(model, tx, schedule, paths, z_loss=cfg.train.z_loss,
+                           grad_accum=cfg.optim.grad_accum),
+      shardings, jax.tree.map(lambda x: x.sharding, batch))
+  with sharding.activate(mesh, rules):
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, _ = jax.block_until_ready(compiled(state, batch))  # Warm-up.
+    medians = []
+    for _ in range(_REPEATS.value):
+      times = []
+      for _ in range(_STEPS.value):
+        t0 = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, batch))
+        times.append(time.perf_counter() - t0)
+      medians.append(statistics.median(times))
+  step_s = statistics.median(medians)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  flops = step.flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+  peak, peak_source = metrics.device_peak_flops(cfg)
+  peak_total = peak * jax.device_count()
+  memory = compiled.memory_analysis()
+  result = {
+      'config': cfg.name, 'params': model_lib.count_params(state.params),
+      'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'compile_s': round(compile_s, 2),
+      'step_ms': round(1e3 * step_s, 2), 'step_ms_per_repeat': [round(1e3 * m, 2) for m in medians],
+      'tokens_per_s': round(tokens / step_s), 'model_tflops': round(flops / step_s / 1e12, 4),
+      'peak_tflops': round(peak_total / 1e12, 4), 'peak_source': peak_source,
+      'mfu': round(flops / step_s / peak_total, 4), 'loss': float(metrics['loss']),
+      'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+  }
+  if memory is not None:
+    result['compiled_temp_mb'] = round(memory.temp_size_in_bytes / 2**20, 1)
+    result['compiled_args_mb'] = round(memory.argument_size_in_bytes / 2**20, 1)
+  return result
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  config_lib.validate(cfg)
+  if _DRY_RUN.value:
+    from lm import memory
+    result = memory.plan(cfg, _DEVICES.value or jax.device_count())
+    print(memory.format_plan(result))
+  else:
+    result = run_benchmark(cfg)
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+      print(f'{key:<{width}}  {value}')
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,98 @@
+"""Shared command-line handling for train.py, finetune.py and the lm.* tools.
+
+A user's mistake (unknown or mistyped config key, missing config file, bad value, unwritable
+workdir, bad data or checkpoint) ends the program with one line on stderr and exit code 2;
+the traceback is shown only with --verbose.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable
+
+from lm import config as config_lib
+
+USER_ERRORS: tuple[type[BaseException], ...] = (config_lib.ConfigError,)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+  from lm import checkpoint, data, loop
+  errors = (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError, loop.TrainingError)
+  try:
+    from lm.convert import ConvertError
+    errors += (ConvertError,)
+  except ImportError:
+    pass
+  return errors
+
+
+def _override_keys(argv: list[str]) -> list[str]:
+  keys = []
+  for arg in argv:
+    match = re.match(r'--config\.([\w.]+)(=|$)', arg)
+    if match:
+      keys.append(match.group(1))
+  return keys
+
+
+def check_command_line(argv: list[str]) -> None:
+  """Before absl parses: the config file exists and every --config.a.b override is a real key."""
+  for i, arg in enumerate(argv):
+    path = None
+    if arg.startswith('--config='):
+      path = arg.split('=', 1)[1]
+    elif arg == '--config' and i + 1 < len(argv):
+      path = argv[i + 1]
+    if path is not None:
+      file_path = path.split(':', 1)[0]
+      if not os.path.exists(file_path):
+        raise config_lib.ConfigError(f'--config: no such config file {file_path!r}')
+  reference = config_lib.base_config()
+  for key in _override_keys(argv):
+    node = reference
+    parts = key.split('.')
+    for depth, part in enumerate(parts):
+      if not hasattr(node, 'keys') or part not in node:
+        options = list(node.keys()) if hasattr(node, 'keys') else []
+        prefix = '.'.join(parts[:depth + 1])
+        raise config_lib.ConfigError(
+            f"unknown config key '{prefix}'{config_lib._closest(part, options)}")
+      node = node[part]
+
+
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+  """absl.app.run(main) with one-line errors for user mistakes."""
+  from absl import app
+
+  argv = list(sys.argv if argv is None else argv)
+  verbose = '--verbose' in argv or '--verbose=true' in argv
+  try:
+    check_command_line(argv)
+  except config_lib.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+  def guarded(args):
+    if not verbose:
+      # Orbax and JAX log every save at INFO; a person wants the progress lines.
+      from absl import logging
+      logging.set_verbosity(logging.WARNING)
+    try:
+      main(args)
+    except user_error_types() as e:
+      if verbose:
+        raise
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+
+  try:
+    app.run(guarded, argv=argv)
+  except SystemExit:
+    raise
+  except Exception as e:  # Errors raised by flag parsing (bad override value types).
+    if verbose:
+      raise
+    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+    sys.exit(2)

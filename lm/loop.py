@@ -1,0 +1,383 @@
+"""The one training loop: pre-training (train.py) and fine-tuning (finetune.py) both run it.
+
+They differ only in what they restore (nothing / train.init_from, or finetune.restore_from),
+which parameters train (finetune.freeze / trainable / LoRA), and the task's loss.
+
+  build mesh -> tokenizer -> model, trainable set, optimizer -> data iterators
+  -> state: resume from <workdir>/checkpoints, else warm-start params, else fresh init
+  -> for each step: batch -> train_step -> metrics -> eval every k -> checkpoint every n
+  -> on SIGTERM/SIGINT: finish the step, save, return normally (exit 0)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from lm import checkpoint, data, metrics as metrics_lib, optim, sharding, step as step_lib
+from lm import model as model_lib
+from lm import tokenizer as tokenizer_lib
+from lm.config import ConfigError, validate
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (non-finite loss under the 'stop' policy, too many skipped steps)."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built once at start-up and shared by training and evaluation."""
+  cfg: ml_collections.ConfigDict
+  workdir: epath.Path
+  mesh: jax.sharding.Mesh
+  tokenizer: Any
+  model: Any
+  task: str
+  trainable: list[str]
+  abstract_params: Any  # ShapeDtypeStructs with shardings.
+  params_shardings: Any
+  is_finetune: bool
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def preflight_workdir(workdir: str | os.PathLike, min_free_mb: int = 64) -> epath.Path:
+  """Fails before any compilation if the workdir cannot be created, written or is full."""
+  path = checkpoint.absolute(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_test_{jax.process_index()}'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(f'--workdir {path} is not writable: {e.strerror or e}') from e
+  if not str(path).startswith('gs://'):
+    stat = os.statvfs(path)
+    free_mb = stat.f_bavail * stat.f_frsize / 2**20
+    if free_mb < min_free_mb:
+      raise ConfigError(f'--workdir {path} has only {free_mb:.0f} MB free '
+                        f'(need at least {min_free_mb} MB for checkpoints)')
+  return path
+
+
+def fit_vocab(cfg: ml_collections.ConfigDict, tokenizer) -> None:
+  """model.vocab_size 0 means 'the tokenizer's size'; a smaller explicit size is an error."""
+  if cfg.model.vocab_size == 0:
+    cfg.model.vocab_size = tokenizer.vocab_size
+  elif cfg.model.vocab_size < tokenizer.vocab_size:
+    raise ConfigError(f'config key model.vocab_size: {cfg.model.vocab_size} is smaller than the '
+                      f'tokenizer vocabulary ({tokenizer.vocab_size})')
+
+
+def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> Run:
+  workdir = preflight_workdir(workdir)
+  validate(cfg, jax.device_count())
+  mesh = sharding.make_mesh(cfg.mesh)
+  tokenizer = tokenizer_lib.load_or_train(cfg, workdir)
+  fit_vocab(cfg, tokenizer)
+  task = cfg.finetune.task if is_finetune else 'lm'
+  model = model_lib.build_model(cfg.model, cfg.finetune if is_finetune else None)
+  abstract, shardings = sharding.abstract_and_shardings(
+      step_lib.init_fn(model, cfg.data.seq_len, cfg.model.num_classes), mesh, cfg.mesh.rules,
+      jax.random.key(cfg.seed))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          abstract, shardings)
+  paths = list(model_lib.flatten_params(abstract))
+  trainable = optim.trainable_paths(paths, cfg.finetune if is_finetune else None)
+  if not trainable:
+    raise ConfigError('config keys finetune.freeze/trainable leave no parameter to train')
+  return Run(cfg, workdir, mesh, tokenizer, model, task, trainable, abstract, shardings,
+             is_finetune)
+
+
+def initial_params(run: Run):
+  """Warm-start params (finetune.restore_from / train.init_from), or None for a fresh init."""
+  cfg = run.cfg
+  source = cfg.finetune.restore_from if run.is_finetune else cfg.train.init_from
+  if not source:
+    return None
+  allow_new = tuple(cfg.finetune.allow_new_params) if run.is_finetune else ()
+  if run.is_finetune and cfg.finetune.lora_rank > 0:
+    allow_new += (optim.LORA_PATTERN,)
+  init_params = None
+  if allow_new:
+    init_params, _ = sharding.init_sharded(
+        step_lib.init_fn(run.model, cfg.data.seq_len, cfg.model.num_classes), run.mesh,
+        cfg.mesh.rules, jax.random.key(cfg.seed))
+  logging.info('restoring params from %s', source)
+  return checkpoint.load_params(source, run.abstract_params, allow_new=allow_new,
+                                init_params=init_params)
+
+
+def make_iterator(run: Run, split: str, cfg: ml_collections.ConfigDict | None = None,
+                  task: str | None = None):
+  return data.make_pipeline(cfg or run.cfg, run.tokenizer, split,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count(), task=task or run.task)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+  scores = []
+  for c in range(num_classes):
+    tp = np.sum((predictions == c) & (labels == c))
+    fp = np.sum((predictions == c) & (labels != c))
+    fn = np.sum((predictions != c) & (labels == c))
+    if tp + fp + fn:
+      scores.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(scores)) if scores else 0.0
+
+
+def evaluate(run: Run, eval_fn: Callable, params, *, cfg: ml_collections.ConfigDict | None = None,
+             task: str | None = None, max_batches: int | None = None) -> dict:
+  """Mean loss (and perplexity / accuracy / macro-F1) over the first validation batches."""
+  cfg = cfg or run.cfg
+  task = task or run.task
+  max_batches = max_batches or cfg.train.eval_batches
+  iterator = make_iterator(run, 'validation', cfg, task)
+  totals = {'nll_sum': 0.0, 'correct': 0.0, 'weight': 0.0}
+  predictions, labels = [], []
+  for i, batch in enumerate(iterator):
+    if i >= max_batches:
+      break
+    stats = eval_fn(params, sharding.shard_batch(batch, run.mesh, cfg.mesh.rules))
+    stats = jax.device_get(stats)
+    for key in totals:
+      totals[key] += float(stats[key])
+    if task == 'classify':
+      keep = np.asarray(batch['loss_mask']).any(axis=1)  # Padding rows carry no example.
+      predictions.append(np.asarray(stats['predictions'])[keep])
+      labels.append(np.asarray(stats['labels'])[keep])
+  if hasattr(iterator, 'close'):
+    iterator.close()
+  weight = max(totals['weight'], 1.0)
+  loss = totals['nll_sum'] / weight
+  result = {'loss': loss, 'accuracy': totals['correct'] / weight}
+  if task == 'classify':
+    preds, labs = np.concatenate(predictions), np.concatenate(labels)
+    result['accuracy'] = float(np.mean(preds == labs)) if len(labs) else 0.0
+    result['macro_f1'] = macro_f1(preds, labs, cfg.model.num_classes)
+  else:
+    result['perplexity'] = float(np.exp(min(loss, 50.0)))
+  return result
+
+
+def make_eval_fn(run: Run, task: str | None = None) -> Callable:
+  eval_step = step_lib.make_eval_step(run.model, task=task or run.task)
+  jitted = jax.jit(eval_step)
+
+  def eval_fn(params, batch):
+    with sharding.activate(run.mesh, run.cfg.mesh.rules):
+      return jitted(params, batch)
+
+  return eval_fn
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def sample_text(run: Run, params, prompts, max_new_tokens: int, seed: int = 0) -> list[str]:
+  """A few continuations, to see what the model learned (temperature 0.8, top-k 40)."""
+  from lm import generate
+
+  tok = run.tokenizer
+  params = jax.device_get(params)
+  generator = generate.Generator(run.cfg.model, params,
+                                 run.cfg.finetune if run.is_finetune else None)
+  prompt_ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+  outputs, _ = generator.generate(prompt_ids, max_new_tokens,
+                                  generate.Sampling(temperature=0.8, top_k=40),
+                                  stop_ids=[tok.eos_id], seed=seed, pad_id=tok.pad_id)
+  return [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(prompts, outputs)]
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # Not the main thread (e.g. under some test runners).
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning('signal %d: stopping after this step and saving a checkpoint', signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int) -> bool:
+    """Multi-host: every process must agree, so use JAX's preemption sync point as well."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      try:
+        synced = multihost_utils.reached_preemption_sync_point(step)
+      except (RuntimeError, ValueError):
+        synced = False
+      local = np.array([self.requested], np.int32)
+      any_requested = bool(np.max(multihost_utils.process_allgather(local)))
+      return synced or any_requested
+    return self.requested
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def restore_or_init(run: Run, manager, tx, train_iterator):
+  """(state, shardings, resumed_from_step or None)."""
+  cfg = run.cfg
+  latest = manager.latest_step()
+  params = None if latest is not None else initial_params(run)
+  state, shardings = step_lib.create_train_state(
+      run.model, tx, run.trainable, run.mesh, cfg.mesh.rules, seed=cfg.seed,
+      seq_len=cfg.data.seq_len, num_classes=cfg.model.num_classes, params=params)
+  if latest is None:
+    return state, shardings, None
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  del state
+  state = checkpoint.restore(manager, latest, abstract_state, data_iterator=train_iterator)
+  return state, shardings, latest
+
+
+def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
+          on_start: Callable | None = None, on_end: Callable | None = None) -> dict:
+  """Runs (or resumes) training to cfg.train.steps. Returns a summary dict.
+
+  on_start(run, eval_fn, params) / on_end(run, eval_fn, params) let fine-tuning measure what
+  changed; their dicts are merged into the summary.
+  """
+  run = build_run(cfg, workdir, is_finetune=is_finetune)
+  cfg = run.cfg
+  total_steps = cfg.train.steps
+  tx, schedule = optim.make_optimizer(cfg.optim, total_steps, run.trainable)
+  train_iterator = make_iterator(run, 'train')
+  manager = checkpoint.make_manager(checkpoint.checkpoint_dir(run.workdir), keep=cfg.train.keep,
+                                    keep_period=cfg.train.keep_period,
+                                    async_save=cfg.train.async_checkpoint)
+  state, shardings, resumed = restore_or_init(run, manager, tx, train_iterator)
+  start_step = int(state.step)
+  writer = metrics_lib.MetricsWriter(run.workdir)
+  peak, peak_source = metrics_lib.device_peak_flops(cfg)
+  flops_per_token = step_lib.flops_per_token(cfg.model, cfg.data.seq_len)
+  progress = metrics_lib.Progress(total_steps, start_step, flops_per_token,
+                                  peak * jax.device_count())
+  summary: dict[str, Any] = {'workdir': str(run.workdir), 'resumed_from': resumed}
+  progress.print(f'lm: {"fine-tuning" if is_finetune else "pre-training"} {cfg.name} | '
+                 f'{model_lib.count_params(state.params):,} params '
+                 f'({_count_trainable(run):,} trainable) | '
+                 f'mesh {dict(run.mesh.shape)} | vocab {cfg.model.vocab_size} | '
+                 f'{"resumed at step " + str(start_step) if resumed is not None else "from step 0"}'
+                 f' | peak {peak / 1e12:.3f} TFLOP/s/device ({peak_source})')
+  progress.print(f'data: {train_iterator.data_stats.summary()}')
+
+  eval_fn = make_eval_fn(run)
+  if on_start is not None:
+    summary.update(on_start(run, eval_fn, state.params) or {})
+  batch_shardings = None
+  train_step = None
+  stop = StopSignal()
+  consecutive_skips, skipped_total = 0, 0
+  last_eval: dict = {}
+  step = start_step
+  with stop:
+    while step < total_steps:
+      try:
+        batch = next(train_iterator)
+      except StopIteration:
+        progress.print(f'data exhausted after step {step} (data.num_epochs={cfg.data.num_epochs})')
+        break
+      batch = sharding.shard_batch(batch, run.mesh, cfg.mesh.rules)
+      if train_step is None:
+        batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+        train_step = step_lib.jit_train_step(
+            step_lib.make_train_step(run.model, tx, schedule, run.trainable, task=run.task,
+                                     z_loss=cfg.train.z_loss, grad_accum=cfg.optim.grad_accum),
+            shardings, batch_shardings)
+      with sharding.activate(run.mesh, cfg.mesh.rules):
+        state, step_metrics = train_step(state, batch)
+      # Wait for the step: in-flight steps on CPU devices can deadlock their collectives, and
+      # the host needs the loss for the NaN policy anyway.
+      step_metrics = jax.device_get(step_metrics)
+      step += 1
+      progress.add_tokens(int(step_metrics['tokens']))
+      if step_metrics['skipped']:
+        consecutive_skips += 1
+        skipped_total += 1
+        message = f'non-finite loss or gradient at step {step} (update skipped)'
+        if cfg.train.nan_policy == 'stop':
+          raise TrainingError(f'{message}; train.nan_policy=stop. The last good checkpoint is '
+                              f'kept in {checkpoint.checkpoint_dir(run.workdir)}')
+        logging.warning(message)
+        if consecutive_skips >= cfg.train.max_consecutive_nan:
+          raise TrainingError(f'{consecutive_skips} consecutive non-finite steps (up to step '
+                              f'{step}; train.max_consecutive_nan={cfg.train.max_consecutive_nan})'
+                              f'; the last good checkpoint is kept')
+      else:
+        consecutive_skips = 0
+      step_metrics['skipped_total'] = skipped_total
+      if step % cfg.train.log_every == 0 or step == total_steps:
+        step_metrics.update(progress.throughput(step))
+        writer.write(step, step_metrics, prefix='train/')
+        progress.print(progress.line(step, step_metrics))
+      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
+        last_eval = evaluate(run, eval_fn, state.params)
+        writer.write(step, last_eval, prefix='eval/')
+        progress.print(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in last_eval.items()))
+      stop_now = stop.should_stop(step)
+      if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop_now:
+        checkpoint.save(manager, step, state, data_iterator=train_iterator, cfg=cfg, force=True)
+      if stop_now:
+        progress.print(f'stopping at step {step} on request; checkpoint saved')
+        summary['preempted'] = True
+        break
+  manager.wait_until_finished()
+  summary.update(step=step, skipped_steps=skipped_total, eval=last_eval,
+                 checkpoint=str(checkpoint.checkpoint_dir(run.workdir) / str(manager.latest_step())))
+  if step >= total_steps and not summary.get('preempted'):
+    if on_end is not None:
+      summary.update(on_end(run, eval_fn, state.params) or {})
+    if cfg.train.sample_tokens and jax.process_index() == 0 and run.task != 'classify':
+      summary['samples'] = sample_text(run, state.params, list(cfg.train.sample_prompts),
+                                       cfg.train.sample_tokens, seed=cfg.seed)
+      progress.print('samples:')
+      for text in summary['samples']:
+        progress.print('  ' + text.replace('\n', '\n  '))
+  progress.print(f"checkpoint: {summary['checkpoint']}")
+  writer.close()
+  manager.close()
+  if hasattr(train_iterator, 'close'):
+    train_iterator.close()
+  return summary
+
+
+def _count_trainable(run: Run) -> int:
+  flat = model_lib.flatten_params(run.abstract_params)
+  return int(sum(np.prod(flat[p].shape) for p in run.trainable))
