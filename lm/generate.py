@@ -171,6 +171,23 @@ def greedy_reference(model_cfg, params, prompt: Sequence[int], max_new_tokens: i
   return tokens[len(prompt):]
 
 
+def load_checkpoint(path) -> tuple[ml_collections.ConfigDict, Any]:
+  """(config, params) of an lm checkpoint or lm.convert output directory, with the params
+  checked against the model the config builds (LoRA adapters included) and placed on one device."""
+  from lm import checkpoint
+  from lm.convert.hf import resolve_checkpoint
+
+  ckpt = resolve_checkpoint(path)
+  cfg = checkpoint.read_config(ckpt)
+  finetune = cfg.finetune if cfg.finetune.lora_rank > 0 else None
+  model = lm_model.build_model(cfg.model, finetune)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
+                          nn.meta.unbox(shapes['params']))
+  return cfg, checkpoint.load_params(ckpt, abstract)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -207,17 +224,12 @@ def _stop_ids(sp, stops: Sequence[str]) -> list[int]:
 def main(argv=None) -> int:
   import sentencepiece as spm
 
-  from lm import checkpoint
-  from lm.convert.hf import resolve_checkpoint
-
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   if not args.prompt:
     raise SystemExit('give at least one --prompt')
-  ckpt = resolve_checkpoint(args.checkpoint)
-  cfg = checkpoint.load_config(ckpt)
-  params = checkpoint.load_params(ckpt, cfg)
+  cfg, params = load_checkpoint(args.checkpoint)
   if not cfg.tokenizer.path:
-    raise SystemExit(f'{ckpt}: its config has no tokenizer.path')
+    raise SystemExit(f'{args.checkpoint}: its config has no tokenizer.path')
   sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer.path)
   bos = [] if args.no_bos or sp.bos_id() < 0 else [sp.bos_id()]
   prompts = [bos + sp.encode(p) for p in args.prompt]

@@ -294,9 +294,9 @@ def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: 
   reader.fields.clear()
   params, m = load_gguf_params(reader, str(src), m, arch)
   del reader  # Unmaps the file before the checkpoint is written.
-  seconds = time.perf_counter() - start
+  seconds, n_tensors = time.perf_counter() - start, len(params)
   cfg = write_converted(out_dir, params, m, tok_path, fp, str(src), seconds)
-  log(f'{src} -> {out_dir} ({len(params)} tensors, {time.perf_counter() - start:.1f}s)')
+  log(f'{src} -> {out_dir} ({n_tensors} tensors, {time.perf_counter() - start:.1f}s)')
   return cfg
 
 

@@ -379,9 +379,9 @@ def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
     return None
   start = time.perf_counter()
   params, m = load_hf_params(src)
-  seconds = time.perf_counter() - start
+  seconds, n_tensors = time.perf_counter() - start, len(params)
   cfg = write_converted(out_dir, params, m, tokenizer_src, fp, str(src), seconds)
-  log(f'{src} -> {out_dir} ({len(params)} tensors, {time.perf_counter() - start:.1f}s)')
+  log(f'{src} -> {out_dir} ({n_tensors} tensors, {time.perf_counter() - start:.1f}s)')
   return cfg
 
 
@@ -573,15 +573,12 @@ def export_params(flat: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       dtype: str = 'float32', log=print) -> pathlib.Path:
   """lm checkpoint (as written by lm.checkpoint.save_params, or a converted OUT_DIR) -> HF dir."""
-  from lm import checkpoint
+  from lm import generate
   from lm import model as lm_model
 
-  ckpt = resolve_checkpoint(ckpt_dir)
-  cfg = checkpoint.load_config(ckpt)
-  params = checkpoint.load_params(ckpt, cfg)
-  flat = lm_model.flatten_params(params)
-  out = export_params(flat, cfg, out_dir, dtype)
-  log(f'{ckpt} -> {out} (Hugging Face {family_of_lm(cfg.model)})')
+  cfg, params = generate.load_checkpoint(ckpt_dir)
+  out = export_params(lm_model.flatten_params(params), cfg, out_dir, dtype)
+  log(f'{ckpt_dir} -> {out} (Hugging Face {family_of_lm(cfg.model)})')
   return out
 
 
