@@ -94,6 +94,21 @@ def test_hf_logits_match_transformers(tmp_path, kind, cfg):
   assert diff <= TOL, diff
 
 
+def test_sharded_bfloat16_checkpoint(tmp_path):
+  # Released checkpoints are bfloat16 and sharded; numpy has no bfloat16, so lm reads the raw
+  # safetensors bytes with ml_dtypes.
+  model = hf_model('gemma3', **GEMMA3).to(torch.bfloat16)
+  model.save_pretrained(tmp_path, max_shard_size='20KB')
+  assert (tmp_path / 'model.safetensors.index.json').exists()
+  assert len(list(tmp_path.glob('*.safetensors'))) > 1
+  params, m = chf.load_hf_params(tmp_path)
+  # Reloaded in float32 (a .float() would keep the buffers' bfloat16 rounding).
+  model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                            attn_implementation='eager').eval()
+  tokens = random_tokens(m.vocab_size)
+  assert np.abs(lm_logits(params, m, tokens) - torch_logits(model, tokens)).max() <= TOL
+
+
 def test_gemma3_config_mapping():
   m = chf.model_config_from_hf(json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()))
   assert (m.sliding_window, m.global_every, m.rope_base, m.rope_local_base) == (4, 2, 1e5, 1e3)
