@@ -109,6 +109,21 @@ def test_sharded_bfloat16_checkpoint(tmp_path):
   assert np.abs(lm_logits(params, m, tokens) - torch_logits(model, tokens)).max() <= TOL
 
 
+def test_multimodal_gemma3_imports_its_language_model(tmp_path):
+  text = transformers.Gemma3TextConfig(**{**GEMMA3, 'vocab_size': 100})
+  vision = transformers.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=28, patch_size=14)
+  config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                     boi_token_index=97, eoi_token_index=98, image_token_index=99)
+  config.text_config._attn_implementation = 'eager'
+  model = randomize(transformers.Gemma3ForConditionalGeneration(config)).eval()
+  model.save_pretrained(tmp_path)
+  params, m = chf.load_hf_params(tmp_path)
+  assert not any('vision' in k for k in params)
+  tokens = random_tokens(96)
+  assert np.abs(lm_logits(params, m, tokens) - torch_logits(model, tokens)).max() <= TOL
+
+
 def test_gemma3_config_mapping():
   m = chf.model_config_from_hf(json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()))
   assert (m.sliding_window, m.global_every, m.rope_base, m.rope_local_base) == (4, 2, 1e5, 1e3)

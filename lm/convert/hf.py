@@ -209,6 +209,10 @@ def _model_config(hf, family, where, m):
   m.tie_embeddings = bool(hf.get('tie_word_embeddings', True))
   m.attn_scale = float(hf.get('query_pre_attn_scalar', 256)) ** -0.5
   m.final_logit_softcap = float(hf.get('final_logit_softcapping') or 0.0)
+  if hf.get('_multimodal'):
+    # transformers' Gemma3ForConditionalGeneration never soft-caps its logits (releases set
+    # the cap null anyway); the reference implementation decides.
+    m.final_logit_softcap = 0.0
   # attn_logit_softcapping is a Gemma 2 key: Gemma 3 releases set it null and transformers'
   # Gemma3Attention never applies it, so neither do we (matching the reference implementation).
   m.attn_logit_softcap = 0.0
@@ -357,7 +361,8 @@ def _is_ignorable(name: str, m, hf) -> bool:
   if name == 'lm_head.weight' and m.tie_embeddings:
     return True
   # Multimodal Gemma 3: vision tower and projector are not part of the language model.
-  return bool(hf.get('_multimodal')) and not name.startswith(('model.', 'lm_head.'))
+  return bool(hf.get('_multimodal')) and ('vision_tower.' in name or
+                                          'multi_modal_projector.' in name)
 
 
 def hf_source_files(src: pathlib.Path) -> list[pathlib.Path]:
