@@ -406,8 +406,7 @@ def test_cli_reports_one_clear_error(tmp_path):
 
 
 def test_convert_writes_checkpoint_and_is_cached(tmp_path):
-  checkpoint = pytest.importorskip('lm.checkpoint')
-  from lm.convert import gguf as _  # noqa: F401
+  pytest.importorskip('lm.checkpoint')
   model = hf_model('gemma3', **GGUF_GEMMA3)
   src = tmp_path / 'tiny.gguf'
   write_gguf(src, 'gemma3', GGUF_GEMMA3, model)
@@ -415,7 +414,9 @@ def test_convert_writes_checkpoint_and_is_cached(tmp_path):
   cfg = cgguf.convert_gguf(src, out, log=lambda *_: None)
   assert (out / 'convert.json').exists() and (out / 'tokenizer.model').exists()
   assert cfg.tokenizer.path == str(out / 'tokenizer.model') and cfg.tokenizer.vocab_size == 288
-  params = checkpoint.load_params(cfg.finetune.restore_from)
+  from lm import generate
+  saved_cfg, params = generate.load_checkpoint(out)  # Strictly checked against the model.
+  assert saved_cfg.to_dict() == cfg.to_dict()
   tokens = random_tokens(cfg.model.vocab_size)
   got = np.asarray(lm_model.build_model(cfg.model).apply({'params': params}, jnp.asarray(tokens)))
   assert np.abs(got - torch_logits(model, tokens)).max() <= TOL

@@ -310,16 +310,20 @@ class SafetensorsDir:
     return str(self.where[name][0]) if name in self.where else str(self.files[0].parent)
 
 
-def _strip_prefix(names: list[str]) -> dict[str, str]:
-  """Canonical name (`model.layers...`) -> stored name, for checkpoints that nest the text model
-  (multimodal Gemma 3 stores `language_model.model.layers...`)."""
+# Where multimodal Gemma 3 checkpoints nest the language model, and its canonical prefix.
+_NESTED_PREFIXES = (('language_model.lm_head.', 'lm_head.'),
+                    ('language_model.model.', 'model.'),  # as transformers saves it
+                    ('model.language_model.', 'model.'))  # as transformers 4.52+ holds it
+
+
+def _canonical_names(names: list[str]) -> dict[str, str]:
+  """Canonical name (`model.layers...`, `lm_head...`) -> stored name."""
   canonical = {}
   for name in names:
     short = name
-    for prefix in ('model.language_model.', 'language_model.model.', 'language_model.'):
-      if name.startswith(prefix):
-        short = 'model.' + name[len(prefix):] if not name.startswith('language_model.lm_head') \
-            else name[len('language_model.'):]
+    for nested, plain in _NESTED_PREFIXES:
+      if name.startswith(nested):
+        short = plain + name[len(nested):]
         break
     canonical[short] = name
   return canonical
@@ -335,7 +339,7 @@ def load_hf_params(src: str | os.PathLike) -> tuple[dict[str, np.ndarray], ml_co
   m = model_config_from_hf(hf, str(src / CONFIG_JSON))
   family = FAMILY_OF_MODEL_TYPE[hf['model_type']]
   store = SafetensorsDir(src)
-  stored_of = _strip_prefix(store.names())
+  stored_of = _canonical_names(store.names())
   table = tensor_table(family, m.n_layers, m.tie_embeddings)
   shapes = expected_shapes(m)
   params: dict[str, np.ndarray] = {}
@@ -418,13 +422,13 @@ def family_of_lm(m: ml_collections.ConfigDict) -> str:
   llama = dict(norm_plus_one=False, post_attn_norm=False, post_mlp_norm=False, qk_norm=False,
                scale_embeddings=False, mlp_activation='silu', final_logit_softcap=0.0,
                attn_logit_softcap=0.0, sliding_window=0)
-  for family, want in (('gemma3', gemma), ('llama', llama)):
-    if all(m[k] == v for k, v in want.items()):
-      if family == 'llama' and m.attn_scale and not math.isclose(m.attn_scale, head_dim(m) ** -0.5):
-        break
-      if family == 'gemma3' and m.rope_scaling == 'llama3':
-        break
-      return family
+  matches = lambda want: all(m[k] == v for k, v in want.items())
+  # Llama's attention scale is always 1/sqrt(head_dim); Gemma 3 has no llama3 RoPE scaling.
+  default_scale = not m.attn_scale or math.isclose(m.attn_scale, head_dim(m) ** -0.5)
+  if matches(gemma) and m.rope_scaling != 'llama3':
+    return 'gemma3'
+  if matches(llama) and default_scale:
+    return 'llama'
   raise ConvertError('model config matches neither Llama (silu, plain RMSNorm, no extra norms) '
                      'nor Gemma 3 (gelu_tanh, (1+w) RMSNorm, post norms, qk-norm, scaled '
                      f'embeddings); cannot export to Hugging Face: {dict(m)}')
