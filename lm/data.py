@@ -60,7 +60,9 @@ Processes: for training each process reads only its own documents (a strided sli
 document list) and packs them into its rows. For validation every process packs the same
 global stream and keeps its rows, so every process sees the same number of batches (collective
 evaluation needs that); validation is finite, in a fixed order and independent of
-data.shuffle_seed, so calling make_pipeline again repeats it exactly.
+data.shuffle_seed, so calling make_pipeline again repeats it exactly. A finite mixture ends
+when its first component runs out. data.worker_count applies to training only; validation
+always runs in-process.
 With data.num_epochs > 0 and several processes, training iterators may end a batch apart;
 the train loop stops at train.steps anyway.
 
@@ -283,9 +285,7 @@ def check_data_config(cfg, task: str) -> None:
 
 
 def is_builtin_only(cfg) -> bool:
-  """True when every document comes from the built-in corpus (so its text is fixed)."""
-  if cfg.data.prepared_dir:
-    return False
+  """True when every document of the configured source comes from the built-in corpus."""
   try:
     return all(c.kind == 'builtin' for c in components(cfg))
   except (TypeError, ValueError):
@@ -1086,6 +1086,10 @@ def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process
       raise DataError(f'config key model.num_classes: {cfg.model.num_classes}, but the data has '
                       f'{len(names)} labels {names[:10]}')
   datasets, stats = _document_datasets(cfg, tokenizer, split, task, shard, label_ids)
+  if len(datasets) > 1:
+    # A finite mix ends with its shortest part; a component without validation documents
+    # would end it before it starts.
+    datasets = [(d, w) for d, w in datasets if len(d)] or datasets[:1]
   ds = (datasets[0][0] if len(datasets) == 1 else
         grain.MapDataset.mix([d for d, _ in datasets], [w for _, w in datasets]))
   seq_len = cfg.data.seq_len
@@ -1101,6 +1105,9 @@ def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process
   if not train and process_count > 1:
     iter_ds = iter_ds.map(TakeRows(process_index * local_rows, (process_index + 1) * local_rows))
   if train and cfg.data.worker_count > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's workers read absl flags; scripts may not parse any.
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.worker_count))
   elif cfg.data.prefetch_batches > 0:
     iter_ds = grain.experimental.ThreadPrefetchIterDataset(
@@ -1206,8 +1213,15 @@ def _main(argv: Sequence[str]) -> None:
   from lm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   if len(argv) != 2 or argv[1] not in ('prepare', 'report', 'bench'):
     raise SystemExit('usage: python -m lm.data {prepare,report,bench} --config=configs/X.py')
-  command, cfg, f = argv[1], flags.FLAGS.config, flags.FLAGS
-  workdir = f.workdir or (cfg.data.prepared_dir if command == 'prepare' else '')
+  try:
+    _run_command(argv[1], flags.FLAGS.config, flags.FLAGS, tokenizer_lib)
+  except ValueError as e:  # DataError, ConfigError: the message says it all.
+    raise SystemExit(f'error: {e}') from None
+
+
+def _run_command(command: str, cfg, f, tokenizer_lib) -> None:
+  # Prepared shards carry their tokenizer; otherwise a cache directory per source + tokenizer.
+  workdir = f.workdir or cfg.data.prepared_dir
   if not workdir:
     key = json.dumps([source_key(cfg), cfg.tokenizer.to_dict()], sort_keys=True, default=list)
     workdir = str(corpus.cache_dir() / 'data_cli' / hashlib.sha256(key.encode()).hexdigest()[:16])

@@ -102,7 +102,7 @@ class Tokenizer:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f'.{path.name}.tmp'
     tmp.write_bytes(self._proto)
-    tmp.rename(path)  # Atomic on local disks: a crash never leaves half a model.
+    tmp.replace(path)  # Atomic on local disks: a crash never leaves half a model.
 
 
 # --------------------------------------------------------------------------- training
@@ -214,8 +214,9 @@ def _builtin_cache_path(cfg) -> epath.Path | None:
 
 
 def _copy_into(tokenizer: Tokenizer, path: epath.Path, origin) -> Tokenizer:
+  """Saves the chosen tokenizer into the run, so the run always records what it used."""
   logging.info('tokenizer: using %s (%r)', origin, tokenizer)
-  if not path.exists():
+  if not path.exists() or path.read_bytes() != tokenizer.model_proto:
     tokenizer.save(path)
   return tokenizer
 

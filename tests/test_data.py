@@ -247,6 +247,14 @@ def test_builtin_domains_are_held_out_of_general():
   assert set(kinds) == set(corpus.KINDS)
 
 
+def test_builtin_source_chunks_reassemble_their_file():
+  root = corpus.stdlib_root()
+  for name in ('json/__init__.py', 'email/message.py'):
+    chunks = [d.text for d in corpus.all_documents()
+              if d.kind == 'source' and d.group.split('#')[0] == name]
+    assert len(chunks) > 1 and ''.join(chunks) == (root / name).read_text()
+
+
 def test_builtin_split_keeps_groups_together():
   cfg = make_cfg(builtin_subset='asyncio', validation_share=0.2)
   train = data.load_documents(cfg, 'train')
@@ -456,3 +464,16 @@ def test_report_prints_counts_and_top_tokens(jsonl_cfg, tok):
   for needle in ('documents: read 60', 'bytes/token', 'duplicates removed', 'filtered:',
                  'top 5 tokens'):
     assert needle in text
+
+
+@pytest.mark.slow
+def test_worker_processes_resume_exactly(jsonl_cfg, tok):
+  cfg, _ = jsonl_cfg
+  cfg.data.worker_count = 2
+  uninterrupted = data.make_pipeline(cfg, tok, 'train')
+  take(uninterrupted, 3)
+  state = json.loads(json.dumps(uninterrupted.get_state()))
+  expected = take(uninterrupted, 4)
+  resumed = data.make_pipeline(cfg, tok, 'train')
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 4), expected)
