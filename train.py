@@ -1,9 +1,13 @@
 """Pre-train a language model: python train.py --config=configs/tiny.py [--config.key=value]."""
 
-from absl import flags
-from ml_collections import config_flags
+from lm import cli
 
-from lm import cli, distributed, loop
+cli.precheck()  # Unknown keys / missing config file: one line, before the flags parse them.
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from lm import distributed, loop  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Config file (configs/*.py).')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Run directory (default: runs/<config name>).')

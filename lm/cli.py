@@ -62,17 +62,22 @@ def check_command_line(argv: list[str]) -> None:
       node = node[part]
 
 
+def precheck(argv: list[str] | None = None) -> None:
+  """Call before DEFINE_config_file, which already applies --config.* overrides when defined."""
+  try:
+    check_command_line(list(sys.argv if argv is None else argv))
+  except config_lib.ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
   """absl.app.run(main) with one-line errors for user mistakes."""
   from absl import app
 
   argv = list(sys.argv if argv is None else argv)
   verbose = '--verbose' in argv or '--verbose=true' in argv
-  try:
-    check_command_line(argv)
-  except config_lib.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  precheck(argv)
 
   def guarded(args):
     if not verbose:

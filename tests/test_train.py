@@ -1,0 +1,194 @@
+"""train.py end to end: exact resume after SIGTERM, mesh change, warm start, configs, errors."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm import checkpoint, config, loop
+from lm import model as model_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny, fast pre-training run on the built-in corpus (shared by the tests in this file).
+TINY_OVERRIDES = {
+    'model.d_model': 64, 'model.n_layers': 2, 'model.n_heads': 4, 'model.n_kv_heads': 2,
+    'model.mlp_dim': 128, 'tokenizer.vocab_size': 320, 'tokenizer.byte_fallback': False,
+    'tokenizer.character_coverage': 0.995, 'data.seq_len': 32, 'data.batch_size': 8,
+    'data.train_fraction': 0.1, 'train.steps': 20, 'train.log_every': 1, 'train.eval_every': 0,
+    'train.eval_batches': 2, 'train.checkpoint_every': 100, 'train.sample_tokens': 0,
+    'optim.warmup_steps': 5, 'mesh.data': 8, 'mesh.fsdp': 1,
+}
+
+
+def load_config_file(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('shipped_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py shrunk by TINY_OVERRIDES: what train.py builds from the same flags."""
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'))
+  cfg.name = 'tiny_test'
+  for key, value in {**TINY_OVERRIDES, **overrides}.items():
+    section, name = key.split('.')
+    cfg[section][name] = value
+  return cfg
+
+
+def cli_args(overrides: dict) -> list[str]:
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+def losses(workdir) -> dict[int, float]:
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/loss' in record:
+        out[record['step']] = record['train/loss']
+  return out
+
+
+def train_env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['PYTHONPATH'] = ROOT
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def final_params(workdir):
+  return model_lib.flatten_params(jax.device_get(checkpoint.load_params(workdir)))
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """20 steps without interruption, in-process."""
+  workdir = tmp_path_factory.mktemp('straight')
+  summary = loop.train(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
+  straight_dir, _ = straight_run
+  workdir = tmp_path / 'interrupted'
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={workdir}',
+         '--config=' + os.path.join(ROOT, 'configs/tiny.py'), '--config.name=tiny_test']
+  cmd += cli_args(TINY_OVERRIDES)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=train_env(), cwd=ROOT)
+  output = []
+  for line in proc.stdout:
+    output.append(line)
+    if line.startswith('step') and line.split()[1].startswith('10/'):
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0, ''.join(output)
+  text = ''.join(output)
+  assert 'stopping at step' in text, text
+  stopped_at = max(losses(workdir))
+  assert 10 <= stopped_at < 20
+  assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
+
+  resumed = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=ROOT,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  assert f'resumed at step {stopped_at}' in resumed.stdout
+  assert losses(workdir) == losses(straight_dir)
+  resumed_params, straight_params = final_params(workdir), final_params(straight_dir)
+  for path, value in straight_params.items():
+    np.testing.assert_array_equal(resumed_params[path], value, err_msg=path)
+
+
+def test_checkpoint_restores_on_another_mesh_with_the_same_loss(straight_run, tmp_path):
+  straight_dir, summary = straight_run
+  # Continue the (8,1,1) run on a (2,2,2) mesh for one more step: same loss as on (8,1,1).
+  results = {}
+  for dims in ((8, 1, 1), (2, 2, 2)):
+    workdir = tmp_path / f'mesh_{dims[0]}{dims[1]}{dims[2]}'
+    os.makedirs(workdir / 'checkpoints')
+    os.symlink(straight_dir / 'checkpoints' / '20', workdir / 'checkpoints' / '20')
+    os.symlink(straight_dir / 'tokenizer.model', workdir / 'tokenizer.model')
+    cfg = tiny_config(**{'train.steps': 21, 'mesh.data': dims[0], 'mesh.fsdp': dims[1],
+                         'mesh.tensor': dims[2]})
+    cfg.train.checkpoint_every = 1000
+    run_summary = loop.train(cfg, workdir)
+    assert run_summary['resumed_from'] == 20
+    results[dims] = losses(workdir)[21]
+  np.testing.assert_allclose(results[(2, 2, 2)], results[(8, 1, 1)], rtol=1e-5)
+
+
+def test_warm_start_gives_the_source_runs_eval_loss_at_step_zero(straight_run, tmp_path):
+  straight_dir, _ = straight_run
+  source = tiny_config()
+  run = loop.build_run(source, straight_dir, is_finetune=False)
+  params = checkpoint.load_params(straight_dir, run.abstract_params)
+  source_eval = loop.evaluate(run, loop.make_eval_fn(run), params)
+
+  cfg = tiny_config(**{'train.steps': 1, 'train.eval_every': 1})
+  cfg.train.init_from = str(straight_dir)
+  captured = {}
+
+  def at_start(new_run, eval_fn, start_params):
+    captured.update(loop.evaluate(new_run, eval_fn, start_params))
+
+  loop.train(cfg, tmp_path / 'warm', on_start=at_start)
+  np.testing.assert_allclose(captured['loss'], source_eval['loss'], rtol=1e-6)
+
+
+def test_tiny_model_learns(straight_run):
+  _, summary = straight_run
+  run_losses = [v for _, v in sorted(summary_losses(summary).items())]
+  assert run_losses[-1] < run_losses[0] - 0.5, run_losses
+
+
+def summary_losses(summary):
+  return losses(summary['workdir'])
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                                    + glob.glob(os.path.join(ROOT, 'configs', '*', '*.py'))))
+def test_every_shipped_config_loads_and_validates(path):
+  cfg = load_config_file(path)
+  if 'sweep' in cfg:  # A sweep file: its base config is what must validate.
+    return
+  config.validate(cfg)
+
+
+def run_train_cli(*args, timeout=120):
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *args]
+  return subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=ROOT,
+                        timeout=timeout)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.model.d_modle=64'], "unknown config key 'model.d_modle' (did you mean 'd_model'?)"),
+    (['--config.trian.steps=3'], "unknown config key 'trian' (did you mean 'train'?)"),
+    (['--config=configs/nope.py'], "no such config file 'configs/nope.py'"),
+    (['--config.model.n_heads=3'], 'config key model.n_heads'),
+    (['--config.mesh.data=3'], 'config key mesh'),
+    (['--config.optim.schedule=cosin'], 'config key optim.schedule'),
+])
+def test_bad_config_is_one_clear_line_before_compilation(args, message, tmp_path):
+  result = run_train_cli(f'--workdir={tmp_path}', *args)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_unwritable_workdir_fails_before_compilation(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  result = run_train_cli(f'--workdir={blocker}/run')
+  assert result.returncode == 2
+  assert 'is not writable' in result.stderr and 'Traceback' not in result.stderr
