@@ -57,6 +57,7 @@ DOMAIN_MODULES = {
     'asyncio': ('asyncio', 'asyncore', 'asynchat'),
 }
 SUBSETS = ('general',) + tuple(DOMAINS)
+DEFAULT_DOMAIN = 'email'  # The domain the fine-tuning demo adapts to.
 
 # Never text worth modelling: tests (full of deliberately broken input), build artefacts,
 # the frozen-module demos, the rot13 easter egg, and pydoc_data (its topics are their own kind).

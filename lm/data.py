@@ -87,9 +87,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import pathlib
 import re
 import statistics
-import sys
 import tempfile
 import time
 import weakref
@@ -605,9 +605,24 @@ def _split(records: list[Record], validation_share: float) -> dict[str, list[Rec
 _RECORDS_CACHE: dict[str, tuple[list[Record], DataStats]] = {}
 
 
+def _local_files_signature(comp: Component) -> list:
+  """(path, size, mtime) of a component's local files: an edited file invalidates the memo.
+
+  Remote files (gs://...) are not stat-ed: one round trip per file on every call would cost
+  more than the memo saves.
+  """
+  if comp.kind == 'builtin' or any('://' in p for p in comp.paths):
+    return []
+  try:
+    files = [pathlib.Path(p) for p in expand_paths(comp.paths)]
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+  except (DataError, OSError):
+    return []  # Reading will raise the proper error.
+
+
 def _component_records(comp: Component, cfg, task: str) -> tuple[list[Record], DataStats]:
   """Filtered, de-duplicated records of one component (memoised per process)."""
-  key = json.dumps([dataclasses.asdict(comp), source_key(cfg, task),
+  key = json.dumps([dataclasses.asdict(comp), source_key(cfg, task), _local_files_signature(comp),
                     corpus.cache_key() if comp.kind == 'builtin' else ''], default=list)
   if key not in _RECORDS_CACHE:
     stats = DataStats()
@@ -1114,6 +1129,7 @@ def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process
         iter_ds, prefetch_buffer_size=cfg.data.prefetch_batches)
   iterator = iter(iter_ds)
   iterator.data_stats = stats
+  logging.info('data %s (process %d/%d): %s', split, process_index, process_count, stats.summary())
   _LIVE_ITERATORS.add(iterator)
   return iterator
 

@@ -233,6 +233,15 @@ def test_splits_are_disjoint_and_train_fraction_is_a_nested_prefix(jsonl_cfg):
   assert data.data_stats(cfg).held_out == len(train) - len(quarter)
 
 
+def test_edited_file_is_read_again(tmp_path):
+  path = tmp_path / 'e.jsonl'
+  cfg = make_cfg(source='jsonl', paths=(write_jsonl(path, [{'text': t} for t in make_texts(5)]),),
+                 validation_share=0.0)
+  assert len(data.load_documents(cfg, 'train')) == 5
+  write_jsonl(path, [{'text': t} for t in make_texts(7, seed=1)])
+  assert len(data.load_documents(cfg, 'train')) == 7
+
+
 def test_builtin_domains_are_held_out_of_general():
   assert 'email' in corpus.DOMAINS and 'asyncio' in corpus.DOMAINS
   general = corpus.documents('general')
