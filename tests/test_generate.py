@@ -92,3 +92,22 @@ def test_left_pad():
   np.testing.assert_array_equal(tokens, [[7, 8, 9], [0, 0, 5]])
   np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0]])
   np.testing.assert_array_equal(segments, [[1, 1, 1], [0, 0, 1]])
+
+
+def test_cli_decodes_prompts_and_prints_tokens_per_second(tmp_path, capsys):
+  checkpoint = pytest.importorskip('lm.checkpoint')
+  from lm.convert import spm
+  pieces = ['<pad>', '<eos>', '<bos>', '<unk>'] + [f'<0x{i:02X}>' for i in range(256)]
+  pieces += ['\u2581', 'a', 'b', '\u2581a', 'ab']
+  types = [3, 3, 3, 2] + [6] * 256 + [1] * 5
+  proto = spm.build_model_proto(pieces, [0.0] * len(pieces), types, unk_id=3, bos_id=2, eos_id=1,
+                                pad_id=0, add_space_prefix=False)
+  (tmp_path / 'tokenizer.model').write_bytes(proto)
+  cfg = lm_config.base_config()
+  cfg.model = tiny_model_cfg(vocab_size=len(pieces))
+  cfg.tokenizer.path = str(tmp_path / 'tokenizer.model')
+  checkpoint.save_params(tmp_path / 'ckpt', random_params(cfg.model), cfg)
+  assert generate.main([f'--checkpoint={tmp_path / "ckpt"}', '--prompt=ab a', '--prompt=b',
+                        '--max_new_tokens=4', '--temperature=0.7', '--top_k=5']) == 0
+  out = capsys.readouterr().out
+  assert "--- 'ab a'" in out and "--- 'b'" in out and 'tokens/s decode' in out
