@@ -203,8 +203,9 @@ def _builtin_cache_path(cfg) -> epath.Path | None:
   from lm import corpus, data  # pylint: disable=import-outside-toplevel
   if not data.is_builtin_only(cfg):
     return None
+  options = {k: v for k, v in trainer_options(cfg.tokenizer).items() if k != 'num_threads'}
   key = json.dumps({
-      'tokenizer': trainer_options(cfg.tokenizer),
+      'tokenizer': options,
       'max_train_docs': int(cfg.tokenizer.max_train_docs),
       'data': data.source_key(cfg),
       'corpus': corpus.cache_key(),
