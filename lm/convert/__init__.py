@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-CONVERTER_VERSION = 1  # Bump when the output of a conversion changes, to invalidate caches.
+CONVERTER_VERSION = 2  # Bump when the output of a conversion changes, to invalidate caches.
 MANIFEST = 'convert.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CONFIG_FILE = 'config.py'

@@ -153,6 +153,12 @@ def architecture_of(reader, source: str) -> str:
   return arch
 
 
+def _f32(value: float) -> float:
+  """GGUF stores float32: 1e-6 reads back as 9.99999997e-07; take the shortest decimal that
+  rounds to the same float32, which is the value the model was configured with."""
+  return float(str(np.float32(value)))
+
+
 def model_config_from_gguf(reader, source: str) -> ml_collections.ConfigDict:
   from lm import config as lm_config
 
@@ -178,8 +184,8 @@ def model_config_from_gguf(reader, source: str) -> ml_collections.ConfigDict:
   m.n_kv_heads = int(metadata(reader, f'{arch}.attention.head_count_kv', m.n_heads))
   m.head_dim = int(metadata(reader, f'{arch}.attention.key_length', m.d_model // m.n_heads))
   m.mlp_dim = int(need('feed_forward_length'))
-  m.norm_eps = float(metadata(reader, f'{arch}.attention.layer_norm_rms_epsilon', 1e-6))
-  m.rope_base = float(metadata(reader, f'{arch}.rope.freq_base', 10_000.0))
+  m.norm_eps = _f32(metadata(reader, f'{arch}.attention.layer_norm_rms_epsilon', 1e-6))
+  m.rope_base = _f32(metadata(reader, f'{arch}.rope.freq_base', 10_000.0))
   m.tie_embeddings = 'output.weight' not in tensors
   scaling = metadata(reader, f'{arch}.rope.scaling.type', 'none')
   if scaling == 'linear':
