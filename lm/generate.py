@@ -227,7 +227,13 @@ def main(argv=None) -> int:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   if not args.prompt:
     raise SystemExit('give at least one --prompt')
-  cfg, params = load_checkpoint(args.checkpoint)
+  from lm.checkpoint import CheckpointError
+  from lm.convert import ConvertError
+  try:
+    cfg, params = load_checkpoint(args.checkpoint)
+  except (CheckpointError, ConvertError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   if not cfg.tokenizer.path:
     raise SystemExit(f'{args.checkpoint}: its config has no tokenizer.path')
   sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer.path)

@@ -593,7 +593,7 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
   """A conversion's OUT_DIR stands for its checkpoint/ subdirectory."""
-  p = pathlib.Path(path).resolve()
+  p = pathlib.Path(path).expanduser().resolve()
   if (p / 'convert.json').exists() and (p / 'checkpoint').exists():
     return str(p / 'checkpoint')
   if not p.exists():
