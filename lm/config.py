@@ -143,6 +143,7 @@ def data_config() -> ConfigDict:
   c.prepare_shards = 4  # ArrayRecord shards per split that `prepare` writes.
   c.read_threads = 2  # Threads grain uses in-process to read and tokenize documents.
   c.prefetch_batches = 2  # Batches a background thread prepares ahead of the train step (0 = none).
+  c.shard_count = 0  # Logical training-data shards (0 = the process count); any process count dividing it gives the same batches.
   return c
 
 
@@ -194,6 +195,7 @@ def finetune_config() -> ConfigDict:
   c.lora_alpha = 16.0
   c.lora_dropout = 0.0
   c.lora_targets = ('.*attn/(q|k|v|o)/kernel',)
+  c.task_data = ''  # Build task data from the built-in corpus: 'docstring_sft' or 'package_classify'.
   c.probe_path = ''  # JSONL of {"a": ..., "b": ...} pairs for the likelihood probe.
   c.general_eval = True  # Also evaluate on the general corpus (what was kept).
   return c

@@ -1,0 +1,230 @@
+"""Fine-tuning: what is trainable, and what fine-tuning changed.
+
+finetune.py calls `finetune(cfg, workdir)`, which runs the shared loop (lm.loop.train) with
+params restored from finetune.restore_from and the frozen / LoRA set from the config, and
+measures the model before and after:
+
+  domain loss / perplexity   the fine-tuning data's validation split (task 'lm' and 'sft')
+  general loss / perplexity  the built-in general corpus: how much general ability was kept
+  task accuracy, macro-F1    classification (and next-token accuracy for lm/sft)
+  probe: prefers a           share of (a, b) sentence pairs where log p(a) > log p(b)
+
+The table is printed and written to <workdir>/finetune_report.{json,md}. With LoRA the
+merged model is saved as a plain params checkpoint in <workdir>/merged.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from lm import checkpoint, lora, loop, optim, tasks
+from lm import model as model_lib
+
+REPORT = 'finetune_report'
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def parameter_table(run: loop.Run) -> str:
+  """Trainable vs. frozen parameters (count and bytes) by top-level subtree."""
+  flat = model_lib.flatten_params(run.abstract_params)
+  trainable = set(run.trainable)
+  rows = collections.OrderedDict()
+  for path, leaf in flat.items():
+    top = path.split('/')[0]
+    size = int(np.prod(leaf.shape))
+    nbytes = size * np.dtype(leaf.dtype).itemsize
+    row = rows.setdefault(top, [0, 0, 0, 0])
+    if path in trainable:
+      row[0] += size
+      row[1] += nbytes
+    else:
+      row[2] += size
+      row[3] += nbytes
+  totals = [sum(r[i] for r in rows.values()) for i in range(4)]
+  lines = ['| subtree | trainable | trainable MB | frozen | frozen MB |', '|---|---:|---:|---:|---:|']
+  for name, (t, tb, f, fb) in list(rows.items()) + [('**total**', totals)]:
+    lines.append(f'| {name} | {t:,} | {tb / 2**20:.2f} | {f:,} | {fb / 2**20:.2f} |')
+  return '\n'.join(lines)
+
+
+def optimizer_state_bytes(run: loop.Run) -> int:
+  """Bytes of optimizer state (whole model, all devices) for the run's trainable set."""
+  flat = model_lib.flatten_params(run.abstract_params)
+  tx, _ = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps, run.trainable)
+  abstract = jax.eval_shape(tx.init, {p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype)
+                                      for p in run.trainable})
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)))
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def general_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same run evaluated on the built-in general corpus with the LM loss."""
+  general = ml_collections.ConfigDict(cfg.to_dict())
+  general.data.source = 'builtin'
+  general.data.builtin_subset = 'general'
+  general.data.paths = ()
+  general.data.prepared_dir = ''
+  general.data.mixture = ()
+  general.finetune.task = 'lm'
+  return general
+
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+  pairs = []
+  for line_no, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      pairs.append((record['a'], record['b']))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      from lm.data import DataError
+      raise DataError(f'{path}:{line_no}: probe lines must be JSON objects with "a" and "b" '
+                      f'({type(e).__name__}: {e})') from None
+  if not pairs:
+    from lm.data import DataError
+    raise DataError(f'{path}: no probe pairs')
+  return pairs
+
+
+def sequence_log_likelihoods(run: loop.Run, params, texts: list[str]) -> np.ndarray:
+  """log p(bos + text + eos) of each text under the model (one padded batch)."""
+  tok = run.tokenizer
+  ids = [[tok.bos_id] + tok.encode(t)[: run.cfg.data.seq_len - 1] + [tok.eos_id] for t in texts]
+  length = max(len(x) for x in ids) - 1
+  inputs = np.full((len(ids), length), tok.pad_id, np.int32)
+  targets = np.zeros_like(inputs)
+  mask = np.zeros(inputs.shape, np.float32)
+  for i, x in enumerate(ids):
+    inputs[i, :len(x) - 1], targets[i, :len(x) - 1], mask[i, :len(x) - 1] = x[:-1], x[1:], 1
+  segments = (mask > 0).astype(np.int32)
+  model = model_lib.build_model(run.cfg.model, run.cfg.finetune if run.is_finetune else None)
+
+  @jax.jit
+  def score(params, inputs, targets, mask, segments):
+    logits = model.apply({'params': params}, inputs, None, segments)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(picked * mask, axis=-1)
+
+  return np.asarray(score(jax.device_get(params), inputs, targets, mask, segments))
+
+
+def probe_preference(run: loop.Run, params, path: str) -> float:
+  pairs = read_pairs(path)
+  scores = sequence_log_likelihoods(run, params, [a for a, _ in pairs] + [b for _, b in pairs])
+  a_scores, b_scores = scores[:len(pairs)], scores[len(pairs):]
+  return float(np.mean(a_scores > b_scores))
+
+
+def measure(run: loop.Run, eval_fn, params) -> dict[str, float]:
+  """Every 'what changed' number for one set of params."""
+  cfg = run.cfg
+  out: dict[str, float] = {}
+  task_eval = loop.evaluate(run, eval_fn, params)
+  if run.task == 'classify':
+    out.update(task_loss=task_eval['loss'], task_accuracy=task_eval['accuracy'],
+               task_macro_f1=task_eval['macro_f1'])
+  else:
+    out.update(domain_loss=task_eval['loss'], domain_perplexity=task_eval['perplexity'],
+               domain_token_accuracy=task_eval['accuracy'])
+  if cfg.finetune.general_eval:
+    # The LM eval step serves 'lm' and 'sft' alike; classification needs its own.
+    lm_eval_fn = eval_fn if run.task != 'classify' else loop.make_eval_fn(run, task='lm')
+    general_eval = loop.evaluate(run, lm_eval_fn, params, cfg=general_config(cfg), task='lm')
+    out.update(general_loss=general_eval['loss'], general_perplexity=general_eval['perplexity'])
+  if cfg.finetune.probe_path:
+    out['probe_prefers_a'] = probe_preference(run, params, cfg.finetune.probe_path)
+  return out
+
+
+def format_report(before: dict, after: dict) -> str:
+  lines = ['| metric | before | after | change |', '|---|---:|---:|---:|']
+  for key in before:
+    b, a = before[key], after.get(key, float('nan'))
+    lines.append(f'| {key} | {b:.4f} | {a:.4f} | {a - b:+.4f} |')
+  return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+# Model keys that describe how to run, not what was trained: the fine-tuning config decides.
+RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'num_classes')
+
+
+def inherit_architecture(cfg: ml_collections.ConfigDict) -> None:
+  """The restored checkpoint's saved config fixes the architecture (and the tokenizer)."""
+  try:
+    saved = checkpoint.read_config(cfg.finetune.restore_from)
+  except checkpoint.CheckpointError:
+    return  # No saved config: the fine-tuning config must describe the model itself.
+  for key, value in saved.model.items():
+    if key not in RUNTIME_MODEL_KEYS:
+      cfg.model[key] = value
+  if saved.tokenizer.path and not cfg.tokenizer.path:
+    cfg.tokenizer.path = saved.tokenizer.path
+
+
+def prepare_task_data(cfg: ml_collections.ConfigDict, workdir) -> None:
+  """finetune.task_data builds the JSONL from the built-in corpus into the workdir."""
+  if not cfg.finetune.task_data:
+    return
+  path = tasks.build(cfg.finetune.task_data, checkpoint.absolute(workdir) / f'{cfg.finetune.task_data}.jsonl')
+  cfg.data.source = 'jsonl'
+  cfg.data.paths = (str(path),)
+
+
+def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+  """Fine-tunes per cfg; returns the loop's summary plus the before/after report."""
+  if not cfg.finetune.restore_from:
+    from lm.config import ConfigError
+    raise ConfigError('config key finetune.restore_from: set the checkpoint to fine-tune '
+                      '(a train.py workdir, a checkpoint dir, or a converted model)')
+  workdir = loop.preflight_workdir(workdir)
+  checkpoint.resolve(cfg.finetune.restore_from)  # A missing checkpoint fails before anything.
+  inherit_architecture(cfg)
+  prepare_task_data(cfg, workdir)
+  report_path = workdir / f'{REPORT}.json'
+  report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {}
+
+  def on_start(run, eval_fn, params):
+    nonlocal report
+    print(parameter_table(run))
+    opt_mb = optimizer_state_bytes(run) / 2**20
+    print(f'optimizer state: {opt_mb:.2f} MB for {len(run.trainable)} trainable tensors')
+    if 'before' not in report:  # A resumed run keeps the numbers measured before step 0.
+      report = {'before': measure(run, eval_fn, params), 'optimizer_state_mb': opt_mb,
+                'parameters': parameter_table(run)}
+      if jax.process_index() == 0:
+        report_path.write_text(json.dumps(report, indent=1))
+    return {}
+
+  def on_end(run, eval_fn, params):
+    report['after'] = measure(run, eval_fn, params)
+    table = format_report(report['before'], report['after'])
+    print('what fine-tuning changed:\n' + table)
+    if run.cfg.finetune.lora_rank > 0:
+      merged_dir = checkpoint.save_params(run.workdir / 'merged',
+                                          lora.merge(jax.device_get(params), run.cfg.finetune),
+                                          lora.merged_model_config(run.cfg))
+      report['merged_checkpoint'] = str(merged_dir)
+      print(f'LoRA merged into the base weights: {merged_dir}')
+    if jax.process_index() == 0:
+      report_path.write_text(json.dumps(report, indent=1))
+      (run.workdir / f'{REPORT}.md').write_text(table + '\n')
+    return {'report': report}
+
+  return loop.train(cfg, workdir, is_finetune=True, on_start=on_start, on_end=on_end)
