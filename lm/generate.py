@@ -155,20 +155,24 @@ def _cut_at_stop(row: list[int], stop_ids: Sequence[int]) -> list[int]:
   return row
 
 
-def greedy_reference(model_cfg, params, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+def greedy_reference(model_cfg, params, prompts: Sequence[Sequence[int]],
+                     max_new_tokens: int) -> list[list[int]]:
   """Greedy decoding by re-running the full sequence each step, without a cache (for tests).
 
-  The sequence is right-padded to one fixed length (causal attention never looks right), so
-  the forward pass compiles once.
+  Each prompt decodes alone, right-padded to one fixed length (causal attention never looks
+  right), so the forward pass compiles once for all prompts and steps.
   """
   model = lm_model.build_model(model_cfg)
-  total = len(prompt) + max_new_tokens
+  total = max(len(p) for p in prompts) + max_new_tokens
   apply = jax.jit(lambda p, t, n: model.apply({'params': p}, t)[0, n - 1])
-  tokens = list(prompt)
-  for _ in range(max_new_tokens):
-    padded = jnp.asarray([tokens + [0] * (total - len(tokens))], jnp.int32)
-    tokens.append(int(jnp.argmax(apply(params, padded, len(tokens)))))
-  return tokens[len(prompt):]
+  results = []
+  for prompt in prompts:
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+      padded = jnp.asarray([tokens + [0] * (total - len(tokens))], jnp.int32)
+      tokens.append(int(jnp.argmax(apply(params, padded, len(tokens)))))
+    results.append(tokens[len(prompt):])
+  return results
 
 
 def load_checkpoint(path) -> tuple[ml_collections.ConfigDict, Any]:

@@ -35,29 +35,37 @@ def random_params(m, seed=0):
 
 
 PROMPTS = [[5, 9, 2, 33, 7, 1, 12], [40], [3, 3, 8]]
+NEW = 10  # Every test decodes this many tokens for PROMPTS, so they share compiled functions.
 
 
-@pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE, dict(GEMMA_LIKE, scan_layers=True)],
-                         ids=['llama-like', 'gemma-like', 'gemma-like-scan'])
-def test_greedy_with_cache_equals_without(overrides):
-  m = tiny_model_cfg(**overrides)
-  params = random_params(tiny_model_cfg(**{**overrides, 'scan_layers': False}))
-  gen_params = lm_model.stack_layers(params, m.n_layers) if m.scan_layers else params
-  gen = generate.Generator(m, gen_params)
-  new = 10
-  # Unequal lengths in one batch; each row must equal its own unpadded, uncached decoding.
-  batched, _ = gen.generate(PROMPTS, new)
-  ref_cfg = tiny_model_cfg(**{**overrides, 'scan_layers': False})
-  for prompt, out in zip(PROMPTS, batched):
-    assert out == generate.greedy_reference(ref_cfg, params, prompt, new), prompt
-
-
-def test_stop_tokens_cut_each_row():
+@pytest.fixture(scope='module')
+def llama_like():
   m = tiny_model_cfg()
-  gen = generate.Generator(m, random_params(m))
-  full, _ = gen.generate(PROMPTS, 10)
+  params = random_params(m)
+  return m, params, generate.Generator(m, params)
+
+
+@pytest.mark.parametrize('overrides', [None, GEMMA_LIKE, dict(GEMMA_LIKE, scan_layers=True)],
+                         ids=['llama-like', 'gemma-like', 'gemma-like-scan'])
+def test_greedy_with_cache_equals_without(overrides, llama_like):
+  if overrides is None:
+    m, params, gen = llama_like
+  else:
+    m = tiny_model_cfg(**overrides)
+    params = random_params(tiny_model_cfg(**{**overrides, 'scan_layers': False}))
+    gen = generate.Generator(m, lm_model.stack_layers(params, m.n_layers) if m.scan_layers else params)
+  # Unequal lengths in one batch; each row must equal its own unpadded, uncached decoding.
+  batched, _ = gen.generate(PROMPTS, NEW)
+  ref_cfg = m.copy_and_resolve_references()
+  ref_cfg.scan_layers = False
+  assert batched == generate.greedy_reference(ref_cfg, params, PROMPTS, NEW)
+
+
+def test_stop_tokens_cut_each_row(llama_like):
+  _, _, gen = llama_like
+  full, _ = gen.generate(PROMPTS, NEW)
   stop = full[0][3]
-  cut, timing = gen.generate(PROMPTS, 10, stop_ids=[stop])
+  cut, timing = gen.generate(PROMPTS, NEW, stop_ids=[stop])
   for f, c in zip(full, cut):
     want = f[:f.index(stop) + 1] if stop in f else f
     assert c == want
@@ -77,13 +85,12 @@ def test_sampling_filters():
   assert set(draw(generate.Sampling(temperature=0.05))) == {0}
 
 
-def test_sampled_generation_is_seeded():
-  m = tiny_model_cfg()
-  gen = generate.Generator(m, random_params(m))
+def test_sampled_generation_is_seeded(llama_like):
+  _, _, gen = llama_like
   s = generate.Sampling(temperature=1.0, top_k=10, top_p=0.9)
-  a, _ = gen.generate(PROMPTS, 8, s, seed=1)
-  b, _ = gen.generate(PROMPTS, 8, s, seed=1)
-  c, _ = gen.generate(PROMPTS, 8, s, seed=2)
+  a, _ = gen.generate(PROMPTS, NEW, s, seed=1)
+  b, _ = gen.generate(PROMPTS, NEW, s, seed=1)
+  c, _ = gen.generate(PROMPTS, NEW, s, seed=2)
   assert a == b and a != c
 
 
