@@ -2,7 +2,8 @@
 
 Layout of a run's workdir:
   <workdir>/checkpoints/<step>/state    params, opt_state, step, rng (one Orbax PyTree)
-  <workdir>/checkpoints/<step>/data     the grain iterator's state (one file per process)
+  <workdir>/checkpoints/<step>/data     the grain iterator's state (one file per process;
+                                        per-shard positions, so any process count restores it)
   <workdir>/checkpoints/<step>/config   the run's config as JSON
 
 Orbax writes each step into a temporary directory and renames it only when complete, so a
@@ -107,9 +108,10 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, *, data_i
   """The full TrainState (onto the shardings in abstract_state) and the data iterator."""
   target = state_tree(abstract_state)
   args = {STATE: ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target))}
-  if data_iterator is not None:
-    args[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**args))
+  if data_iterator is not None:  # Not grain's handler: it needs the saving process count.
+    from lm import data
+    data.restore_iterator(data_iterator, epath.Path(manager.directory) / str(step) / DATA, step)
   tree = restored[STATE]
   return abstract_state.replace(step=tree['step'], params=tree['params'],
                                 opt_state=tree['opt_state'], rng=tree['rng'])

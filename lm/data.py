@@ -56,8 +56,12 @@ row, truncated to T (keeping the final eos) and padded; loss_mask marks its real
 Padding appears only at the end of a finite split (validation, or data.num_epochs > 0);
 padding rows of 'classify' have label 0 and an all-zero loss_mask.
 
-Processes: for training each process reads only its own documents (a strided slice of the
-document list) and packs them into its rows. For validation every process packs the same
+Processes: training documents are split into S = data.shard_count logical shards (0 = the
+process count); shard s holds every S-th document from s and packs batch_size/S rows per step.
+Process p of P reads only shards p*(S/P) .. (p+1)*(S/P)-1 and stacks their rows in shard order,
+so every process count dividing S yields the same global batches (the checkpointed iterator
+state holds each shard's position; restore_iterator restores it under another process
+count). For validation every process packs the same
 global stream and keeps its rows, so every process sees the same number of batches (collective
 evaluation needs that); validation is finite, in a fixed order and independent of
 data.shuffle_seed, so calling make_pipeline again repeats it exactly. A finite mixture ends
@@ -955,6 +959,121 @@ class TakeRows:
     return {k: v[self.begin:self.end] for k, v in batch.items()}
 
 
+# --------------------------------------------------------------------------- logical data shards
+
+
+def process_shards(shard_count: int, process_index: int, process_count: int) -> range:
+  """The logical training shards process p of P reads: p*(S/P) .. (p+1)*(S/P) - 1."""
+  per_process = shard_count // process_count
+  return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+class ShardedBatchesIterDataset(grain.IterDataset):
+  """Stacks the row blocks of several logical data shards, in shard order.
+
+  Shard s holds documents s, s+S, s+2S, ... and packs its own batch_size/S rows per step, so
+  the global batch (shard 0's rows, shard 1's, ...) is the same whichever processes read
+  the shards. State: {'shard_count': S, 'shards': {'<s>': state of shard s}}.
+  """
+
+  def __init__(self, parents: Sequence[grain.IterDataset], shard_ids: Sequence[int],
+               shard_count: int):
+    super().__init__(list(parents))
+    self._shard_ids, self._shard_count = list(shard_ids), shard_count
+
+  def __iter__(self) -> '_ShardedBatchesIterator':
+    return _ShardedBatchesIterator([p.__iter__() for p in self._parents], self._shard_ids,
+                                   self._shard_count)
+
+  def __str__(self) -> str:
+    return f'ShardedBatchesIterDataset(shards={self._shard_ids}, shard_count={self._shard_count})'
+
+
+class _ShardedBatchesIterator(grain.DatasetIterator):
+
+  def __init__(self, parents, shard_ids: list[int], shard_count: int):
+    super().__init__(parents)
+    self._shard_ids, self._shard_count = shard_ids, shard_count
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    blocks = [next(p) for p in self._parents]  # A finite split ends with its first shard.
+    if len(blocks) == 1:
+      return blocks[0]
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+  def get_state(self) -> dict[str, Any]:
+    return {'shard_count': self._shard_count,
+            'shards': {str(s): p.get_state() for s, p in zip(self._shard_ids, self._parents)}}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or 'shards' not in state:
+      raise DataError('data iterator state has no per-shard positions (saved by an older '
+                      'version)')
+    if state['shard_count'] != self._shard_count:
+      raise DataError(f"data iterator state was saved with data.shard_count="
+                      f"{state['shard_count']}, this run has {self._shard_count}")
+    missing = [s for s in self._shard_ids if str(s) not in state['shards']]
+    if missing:
+      raise DataError(f'data iterator state lacks shards {missing} of {self._shard_count}')
+    for s, parent in zip(self._shard_ids, self._parents):
+      parent.set_state(state['shards'][str(s)])
+
+  def __str__(self) -> str:
+    return f'ShardedBatchesIterator(shards={self._shard_ids})'
+
+
+def merge_iterator_states(states: Sequence[Any]) -> Any:
+  """One iterator state from the states several processes saved: their shards united.
+
+  Raises DataError where the states cannot be combined (different data.shard_count, or a
+  leaf that differs between processes).
+  """
+  first = states[0]
+  if isinstance(first, dict) and 'shards' in first and 'shard_count' in first:
+    if any(s.get('shard_count') != first['shard_count'] for s in states):
+      raise DataError('processes saved data iterator states with different data.shard_count')
+    shards = {}
+    for state in states:
+      shards.update(state['shards'])
+    return {'shard_count': first['shard_count'], 'shards': shards}
+  if isinstance(first, dict):
+    if any(not isinstance(s, dict) or s.keys() != first.keys() for s in states):
+      raise DataError('processes saved data iterator states of different structure')
+    return {k: merge_iterator_states([s[k] for s in states]) for k in first}
+  if any(s != first for s in states):
+    raise DataError('processes saved data iterator states that cannot be merged')
+  return first
+
+
+def restore_iterator(iterator, directory, step: int) -> None:
+  """Sets `iterator` to the state saved in a checkpoint's data directory, by any process count.
+
+  grain's Orbax handler writes one process_<i>-of-<n>.json per process. Same process count:
+  each process reads its own file. Another process count: every file is read and the
+  per-shard positions are united (merge_iterator_states), so each process continues its
+  shards exactly where they were (this needs the same data.shard_count). If the positions
+  cannot be mapped (data.shard_count changed), the iterator restarts and skips `step`
+  batches, with a warning: the data order then differs from the saved run's, and skipping
+  re-reads that many batches.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  directory = epath.Path(directory)
+  own = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  files = [own] if own.exists() else sorted(directory.glob('process_*-of-*.json'))
+  if not files:
+    raise DataError(f'{directory}: no data iterator state in the checkpoint')
+  initial = iterator.get_state()
+  try:
+    iterator.set_state(merge_iterator_states([json.loads(f.read_text()) for f in files]))
+  except DataError as e:
+    logging.warning('data iterator: %s; restarting it and skipping %d batches (the data order '
+                    'differs from the saved run)', e, step)
+    iterator.set_state(initial)
+    for _ in range(step):
+      next(iterator)
+
+
 # --------------------------------------------------------------------------- prepared shards
 
 
@@ -1058,7 +1177,7 @@ def _document_datasets(cfg, tokenizer, split: str, task: str, shard: tuple[int, 
     if not train:
       return ds.shuffle(_VALIDATION_SEED + seed_offset) if len(ds) else ds
     if not len(ds):
-      raise DataError(f"process {index}/{count}: no training documents in its shard "
+      raise DataError(f"data shard {index}/{count}: no training documents in it "
                       f'({data_stats(cfg, task).summary()})')
     return ds.shuffle((cfg.data.shuffle_seed + seed_offset) % 2**32).repeat(epochs)
 
@@ -1090,9 +1209,17 @@ def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process
                     f'evenly over {process_count} processes')
   train = split == 'train'
   local_rows = cfg.data.batch_size // process_count
-  # Training: each process reads its own documents. Validation: each process builds the global
-  # batches and keeps its rows, so all processes see the same (finite) number of batches.
-  shard, rows = ((process_index, process_count), local_rows) if train else ((0, 1), cfg.data.batch_size)
+  # Training: each process reads its own logical shards (data.shard_count) and stacks their rows.
+  # Validation: each process builds the global batches and keeps its rows, so all processes see
+  # the same (finite) number of batches.
+  shard_count = cfg.data.shard_count or process_count
+  if train and (shard_count < 0 or shard_count % process_count
+                or cfg.data.batch_size % shard_count):
+    raise DataError(f'config key data.shard_count: {shard_count} shards must be a multiple of the '
+                    f'{process_count} processes and divide data.batch_size={cfg.data.batch_size}')
+  shards = process_shards(shard_count, process_index, process_count) if train else range(1)
+  shard_total = shard_count if train else 1
+  rows = cfg.data.batch_size // shard_total
   label_ids = {}
   if task == 'classify':
     names = class_names(cfg)
@@ -1100,23 +1227,29 @@ def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process
     if cfg.model.num_classes != len(names):
       raise DataError(f'config key model.num_classes: {cfg.model.num_classes}, but the data has '
                       f'{len(names)} labels {names[:10]}')
-  datasets, stats = _document_datasets(cfg, tokenizer, split, task, shard, label_ids)
-  if len(datasets) > 1:
-    # A finite mix ends with its shortest part; a component without validation documents
-    # would end it before it starts.
-    datasets = [(d, w) for d, w in datasets if len(d)] or datasets[:1]
-  ds = (datasets[0][0] if len(datasets) == 1 else
-        grain.MapDataset.mix([d for d, _ in datasets], [w for _, w in datasets]))
   seq_len = cfg.data.seq_len
-  read_options = grain.ReadOptions(num_threads=max(1, cfg.data.read_threads),
-                                   prefetch_buffer_size=4 * max(1, cfg.data.read_threads))
-  if task == 'classify':
-    ds = ds.map(ClassifyRow(seq_len, tokenizer.pad_id))
-    batches = ds.batch(rows, batch_fn=StackRows(rows, seq_len, tokenizer.pad_id))
-    iter_ds = batches.to_iter_dataset(read_options)
-  else:
-    elements = ds.batch(_DOCS_PER_ELEMENT, batch_fn=concat_docs).to_iter_dataset(read_options)
-    iter_ds = PackedBatchIterDataset(elements, rows=rows, seq_len=seq_len, pad_id=tokenizer.pad_id)
+  threads = max(1, cfg.data.read_threads // len(shards))
+  read_options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4 * threads)
+  per_shard = []
+  for shard in shards:
+    datasets, stats = _document_datasets(cfg, tokenizer, split, task, (shard, shard_total),
+                                         label_ids)
+    if len(datasets) > 1:
+      # A finite mix ends with its shortest part; a component without validation documents
+      # would end it before it starts.
+      datasets = [(d, w) for d, w in datasets if len(d)] or datasets[:1]
+    ds = (datasets[0][0] if len(datasets) == 1 else
+          grain.MapDataset.mix([d for d, _ in datasets], [w for _, w in datasets]))
+    if task == 'classify':
+      ds = ds.map(ClassifyRow(seq_len, tokenizer.pad_id))
+      batches = ds.batch(rows, batch_fn=StackRows(rows, seq_len, tokenizer.pad_id))
+      per_shard.append(batches.to_iter_dataset(read_options))
+    else:
+      elements = ds.batch(_DOCS_PER_ELEMENT, batch_fn=concat_docs).to_iter_dataset(read_options)
+      per_shard.append(PackedBatchIterDataset(elements, rows=rows, seq_len=seq_len,
+                                              pad_id=tokenizer.pad_id))
+  iter_ds = (ShardedBatchesIterDataset(per_shard, shards, shard_count) if train else
+             per_shard[0])
   if not train and process_count > 1:
     iter_ds = iter_ds.map(TakeRows(process_index * local_rows, (process_index + 1) * local_rows))
   if train and cfg.data.worker_count > 0:

@@ -1,8 +1,23 @@
 """Multi-process start-up: JAX's multi-controller runtime on TPU pods, GPU clusters and CPUs.
 
-Every process runs the same command. `initialize` starts jax.distributed when the run is
-multi-process: from explicit flags (--coordinator, --num_processes, --process_id: any cluster,
-and local tests), or from the environment JAX detects itself (Cloud TPU VMs, Slurm, Open MPI).
+Every process runs the same command; `initialize()` (called first thing by train.py and
+finetune.py) starts jax.distributed when the run is multi-process:
+
+  explicit flags    --coordinator=HOST:PORT --num_processes=N --process_id=I  (any cluster, and
+                    local tests; a flag left out is taken from the environment if JAX finds it);
+  Cloud TPU VM      a multi-host slice (TPU_WORKER_HOSTNAMES lists more than one host): JAX
+                    reads everything from the TPU metadata;
+  Slurm             srun with more than one task (SLURM_NTASKS > 1): coordinator = first node of
+                    the step, process id = SLURM_PROCID, local GPUs from SLURM_LOCALID;
+  Open MPI          mpirun with more than one rank (OMPI_COMM_WORLD_SIZE > 1);
+  anything else     JAX_COORDINATOR_ADDRESS (+ --num_processes / --process_id) in the environment.
+
+One process (a single host, or srun with one task driving all local GPUs) does nothing.
+
+After start-up, process 0 alone writes the console progress, metrics.jsonl and TensorBoard
+(lm.metrics), and other processes log warnings only. Every process takes part in each
+checkpoint save and restore (Orbax writes each process's array shards; process 0 writes the
+metadata), and every process writes its own data-iterator file.
 """
 
 from __future__ import annotations
@@ -12,36 +27,57 @@ import os
 import jax
 from absl import flags, logging
 
+from lm.config import ConfigError
+
 _COORDINATOR = flags.DEFINE_string('coordinator', '', 'host:port of process 0 (multi-process).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (multi-process).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (multi-process).')
 
-# Environment variables by which clusters announce a multi-process job JAX can auto-detect.
-_CLUSTER_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS', 'JAX_COORDINATOR_ADDRESS')
+
+def detected_cluster() -> str | None:
+  """The multi-process environment JAX can configure itself from, or None."""
+  env = os.environ
+  hosts = [h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
+  if len(hosts) > 1 or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
+    return 'tpu'
+  if 'SLURM_JOB_ID' in env and int(env.get('SLURM_NTASKS', '1') or 1) > 1:
+    return 'slurm'
+  if int(env.get('OMPI_COMM_WORLD_SIZE', '1') or 1) > 1:
+    return 'ompi'
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return 'env'
+  return None
 
 
-def _slurm_multi_process() -> bool:
-  return int(os.environ.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in os.environ
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Starts jax.distributed if this is a multi-process run; False (a no-op) for one process.
 
-
-def _tpu_multi_host() -> bool:
-  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  return len([h for h in hosts.split(',') if h]) > 1
-
-
-def initialize() -> None:
-  """Starts jax.distributed if this is a multi-process run; a no-op for one process."""
-  if _COORDINATOR.value or _NUM_PROCESSES.value > 1:
-    if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _tpu_multi_host() or _slurm_multi_process() or any(
-      k in os.environ for k in _CLUSTER_ENV[1:]):
-    jax.distributed.initialize()
-  else:
-    return
-  logging.info('jax.distributed: process %d of %d, %d local / %d global devices',
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  Arguments default to the --coordinator / --num_processes / --process_id flags. Must run
+  before anything touches a JAX device.
+  """
+  coordinator = _COORDINATOR.value if coordinator is None else coordinator
+  num_processes = _NUM_PROCESSES.value if num_processes is None else num_processes
+  process_id = _PROCESS_ID.value if process_id is None else process_id
+  explicit = bool(coordinator) or num_processes > 1 or process_id >= 0
+  cluster = detected_cluster()
+  if not explicit and cluster is None:
+    return False
+  if explicit and num_processes == 1:
+    return False
+  # CPU devices need a collectives backend across processes (the default on jax 0.10, set
+  # explicitly for older versions); it concerns only the CPU client, so TPU/GPU runs are unaffected.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator or None,
+                               num_processes=num_processes if num_processes > 0 else None,
+                               process_id=process_id if process_id >= 0 else None)
+  except ValueError as e:
+    raise ConfigError(f'--coordinator/--num_processes/--process_id: {e} (give all three, or '
+                      f'run under a cluster JAX detects: Cloud TPU, Slurm, Open MPI)') from e
+  logging.info('jax.distributed (%s): process %d of %d, %d local / %d global devices',
+               'flags' if explicit else cluster, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # Process 0 speaks for the run.
+  return True

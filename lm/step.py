@@ -217,8 +217,10 @@ def create_train_state(model: nn.Module, tx, trainable: list[str], mesh, rules, 
   shardings = state_shardings(params_shardings, tx, abstract_train, train_shardings, mesh)
   flat = model_lib.flatten_params(params)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)({p: flat[p] for p in trainable})
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                     opt_state=opt_state, rng=jax.device_put(state_rng, shardings.rng))
+  # Born on the mesh under jit: device_put cannot target devices of other processes.
+  step0, state_rng = jax.jit(lambda r: (jnp.zeros((), jnp.int32), r),
+                             out_shardings=(shardings.step, shardings.rng))(state_rng)
+  state = TrainState(step=step0, params=params, opt_state=opt_state, rng=state_rng)
   return state, shardings
 
 
