@@ -174,7 +174,8 @@ def test_lm_to_hf_to_lm_is_exact(tmp_path, kind, cfg):
   assert np.abs(lm_logits(params, m, tokens) - torch_logits(reloaded, tokens)).max() <= TOL
 
 
-def test_export_merges_lora_and_transformers_loads_it(tmp_path):
+@pytest.mark.parametrize('scan', [False, True], ids=['layers', 'scanned'])
+def test_export_merges_lora_and_transformers_loads_it(tmp_path, scan):
   from lm import config as lm_config
   cfg = lm_config.base_config()
   cfg.model = chf.model_config_from_hf(json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()))
@@ -185,6 +186,10 @@ def test_export_merges_lora_and_transformers_loads_it(tmp_path):
   tokens = random_tokens(cfg.model.vocab_size)
   with_lora = np.asarray(lm_model.build_model(cfg.model, cfg.finetune).apply(
       {'params': lm_model.unflatten_params(params)}, jnp.asarray(tokens)))
+  if scan:  # A scanned run's checkpoint: one `layers/...` subtree with a leading layer axis.
+    cfg.model.scan_layers = True
+    params = lm_model.flatten_params(lm_model.stack_layers(
+        lm_model.unflatten_params(params), cfg.model.n_layers))
   chf.export_params(params, cfg, tmp_path)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert np.abs(with_lora - torch_logits(reloaded, tokens)).max() <= TOL

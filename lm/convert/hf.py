@@ -8,7 +8,8 @@ format is read here from its header (8-byte length, JSON, raw little-endian data
 and Gemma checkpoints are bfloat16; ml_dtypes (a jax dependency) supplies the dtype.
 
 Export writes `config.json` + `model.safetensors` (sharded over 4 GB) that
-`transformers.AutoModelForCausalLM.from_pretrained` loads, merging LoRA adapters first.
+`transformers.AutoModelForCausalLM.from_pretrained` loads, merging LoRA adapters first
+(lm.lora.merge) and unstacking scanned layers.
 """
 
 from __future__ import annotations
@@ -490,21 +491,6 @@ def _query_pre_attn_scalar(m) -> float:
   return int(round(scalar)) if math.isclose(scalar, round(scalar), rel_tol=1e-6) else scalar
 
 
-def merge_lora(flat: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
-  """Folds `lora_a`/`lora_b` into their kernels: W + (alpha / r) * A @ B (what Linear adds)."""
-  merged = {k: v for k, v in flat.items() if not k.endswith(('/lora_a', '/lora_b'))}
-  for path, a in flat.items():
-    if not path.endswith('/lora_a'):
-      continue
-    base = path[:-len('lora_a')]
-    b, kernel = flat[base + 'lora_b'], flat[base + 'kernel']
-    rank = a.shape[-1]
-    delta = np.tensordot(np.asarray(a, np.float32), np.asarray(b, np.float32), axes=1)
-    merged[base + 'kernel'] = (np.asarray(kernel, np.float32) + (alpha / rank) * delta).astype(
-        np.asarray(kernel).dtype)
-  return merged
-
-
 def hf_tensors_from_lm(flat: dict[str, np.ndarray], m) -> dict[str, np.ndarray]:
   """HF tensor name -> array for flat, unscanned, LoRA-free lm params."""
   family = family_of_lm(m)
@@ -551,15 +537,16 @@ def write_safetensors(tensors: dict[str, np.ndarray], out: pathlib.Path,
 def export_params(flat: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
                   out_dir: str | os.PathLike, dtype: str = 'float32') -> pathlib.Path:
   """Writes a Hugging Face directory for flat lm params (LoRA merged, layers unstacked)."""
+  from lm import lora
   from lm import model as lm_model
 
   m = cfg.model
+  if any(k.endswith('/lora_a') for k in flat):
+    flat = lm_model.flatten_params(lora.merge(lm_model.unflatten_params(flat), cfg.finetune))
   if any(k.startswith('layers/') for k in flat):
     flat = lm_model.flatten_params(
         lm_model.unstack_layers(lm_model.unflatten_params(flat), m.n_layers))
   flat = {k: np.asarray(v) for k, v in flat.items()}
-  if any(k.endswith('/lora_a') for k in flat):
-    flat = merge_lora(flat, float(cfg.finetune.lora_alpha))
   if dtype not in ('float32', 'float16'):
     raise ConvertError(f"--dtype={dtype!r}: export supports 'float32' or 'float16'")
   out = pathlib.Path(out_dir).resolve()
