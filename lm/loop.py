@@ -301,6 +301,10 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   eval_fn = make_eval_fn(run)
   if on_start is not None:
     summary.update(on_start(run, eval_fn, state.params) or {})
+  if cfg.train.eval_every and start_step == 0:  # Where the run starts, to compare the end with.
+    summary['eval_start'] = evaluate(run, eval_fn, state.params)
+    writer.write(0, summary['eval_start'], prefix='eval/')
+    progress.print('eval step 0: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary['eval_start'].items()))
   batch_shardings = None
   train_step = None
   stop = StopSignal()
