@@ -388,6 +388,15 @@ def test_unsupported_options_are_named(tmp_path):
                               'layer_types': ['full_attention', 'sliding_attention', 'full_attention']})
 
 
+def test_tokenizer_larger_than_the_model_is_rejected(tmp_path):
+  hf_model('llama', **LLAMA_TIED).save_pretrained(tmp_path / 'src')
+  tokens, scores, types = tiny_vocab(288)
+  (tmp_path / 'src' / 'tokenizer.model').write_bytes(cspm.build_model_proto(
+      tokens, scores, types, unk_id=3))
+  with pytest.raises(ConvertError, match='288 pieces but the model has 96 embedding rows'):
+    chf.convert_hf(tmp_path / 'src', tmp_path / 'out', log=lambda *_: None)
+
+
 def test_bad_tokenizer_vocabulary():
   with pytest.raises(ConvertError, match='appears twice'):
     cspm.build_model_proto(['<unk>', 'a', 'a'], [0.0] * 3, [2, 1, 1], unk_id=0)
@@ -441,10 +450,18 @@ def test_convert_writes_checkpoint_and_is_cached(tmp_path):
 
 def test_export_from_checkpoint_round_trips(tmp_path):
   pytest.importorskip('lm.checkpoint')
-  model = hf_model('llama', **LLAMA_GQA)
+  model = hf_model('llama', **{**LLAMA_GQA, 'vocab_size': 300})
   model.save_pretrained(tmp_path / 'src')
-  chf.convert_hf(tmp_path / 'src', tmp_path / 'lm', no_tokenizer=True, log=lambda *_: None)
+  tokens, scores, types = tiny_vocab(288)  # Fewer pieces than embedding rows is fine.
+  (tmp_path / 'src' / 'tokenizer.model').write_bytes(cspm.build_model_proto(
+      tokens, scores, types, unk_id=3, bos_id=2, eos_id=1))
+  cfg = chf.convert_hf(tmp_path / 'src', tmp_path / 'lm', log=lambda *_: None)
+  assert cfg.tokenizer.path == str(tmp_path / 'lm' / 'tokenizer.model')
   chf.export_checkpoint(tmp_path / 'lm', tmp_path / 'hf', log=lambda *_: None)
+  assert (tmp_path / 'hf' / 'tokenizer.model').read_bytes() == (
+      tmp_path / 'src' / 'tokenizer.model').read_bytes()
+  exported = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert (exported['bos_token_id'], exported['eos_token_id']) == (2, 1)
   before, _ = chf.load_hf_params(tmp_path / 'src')
   after, _ = chf.load_hf_params(tmp_path / 'hf')
   for k in before:

@@ -178,6 +178,15 @@ def config_file_text(cfg, source: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def check_tokenizer_fits(tokenizer_path: str, vocab_size: int) -> None:
+  """A tokenizer may have fewer pieces than embedding rows (padded tables), never more."""
+  import sentencepiece as spm
+  pieces = spm.SentencePieceProcessor(model_file=tokenizer_path).vocab_size()
+  if pieces > vocab_size:
+    raise ConvertError(f'{tokenizer_path}: tokenizer has {pieces} pieces but the model has '
+                       f'{vocab_size} embedding rows')
+
+
 def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, np.ndarray], model_cfg,
                     tokenizer_path: str | None, fp: dict[str, Any], source: str,
                     seconds: float | None = None) -> Any:

@@ -23,8 +23,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from lm.convert import (ConvertError, check_complete, checked_to_lm, expected_shapes, fingerprint,
-                        is_cached, write_converted)
+from lm.convert import (ConvertError, check_complete, check_tokenizer_fits, checked_to_lm,
+                        expected_shapes, fingerprint, is_cached, write_converted)
 
 GGUF_MAGIC = b'GGUF'
 SUPPORTED_ARCHITECTURES = ('llama', 'gemma3')
@@ -295,6 +295,8 @@ def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: 
     out = pathlib.Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     tok_path = spm.write_model(out / 'tokenizer.model', tokenizer_from_gguf(reader, str(src)))
+  if tok_path:
+    check_tokenizer_fits(tok_path, m.vocab_size)
   # The parsed metadata of a 262k vocabulary is ~0.7 GB of small Python objects; drop it before
   # the weights are dequantised, to keep peak memory near one copy of the weights.
   reader.fields.clear()

@@ -27,8 +27,8 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from lm.convert import (ConvertError, check_complete, checked_to_lm, expected_shapes, fingerprint,
-                        is_cached, to_source_layout, write_converted)
+from lm.convert import (ConvertError, check_complete, check_tokenizer_fits, checked_to_lm,
+                        expected_shapes, fingerprint, is_cached, to_source_layout, write_converted)
 
 CONFIG_JSON = 'config.json'
 INDEX_JSON = 'model.safetensors.index.json'
@@ -379,9 +379,11 @@ def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
                no_tokenizer: bool = False, force: bool = False, log=print):
   """Hugging Face directory -> lm output directory (checkpoint, tokenizer, config). Cached."""
   src = pathlib.Path(src)
-  # Fails early, with one clear message, on a wrong directory or an unsupported model.
-  model_config_from_hf(read_hf_config(src), str(src / CONFIG_JSON))
+  # Fails early, with one clear message, on a wrong directory, model or tokenizer.
+  m = model_config_from_hf(read_hf_config(src), str(src / CONFIG_JSON))
   tokenizer_src = _tokenizer_source(src, tokenizer, no_tokenizer)
+  if tokenizer_src:
+    check_tokenizer_fits(tokenizer_src, m.vocab_size)
   files = hf_source_files(src) + ([pathlib.Path(tokenizer_src)] if tokenizer_src else [])
   fp = fingerprint(files, {'kind': 'hf', 'tokenizer': tokenizer_src, 'no_tokenizer': no_tokenizer})
   if not force and is_cached(out_dir, fp):
