@@ -179,7 +179,7 @@ def load_checkpoint(path) -> tuple[ml_collections.ConfigDict, Any]:
   """(config, params) of an lm checkpoint or lm.convert output directory, with the params
   checked against the model the config builds (LoRA adapters included) and placed on one device."""
   from lm import checkpoint
-  from lm.convert.hf import resolve_checkpoint
+  from lm.convert import resolve_checkpoint
 
   ckpt = resolve_checkpoint(path)
   cfg = checkpoint.read_config(ckpt)

@@ -29,6 +29,7 @@ CONVERTER_VERSION = 2  # Bump when the output of a conversion changes, to invali
 MANIFEST = 'convert.json'
 TOKENIZER_FILE = 'tokenizer.model'
 CONFIG_FILE = 'config.py'
+CHECKPOINT_DIR = 'checkpoint'
 
 
 class ConvertError(ValueError):
@@ -138,7 +139,7 @@ def fingerprint(files: Iterable[str | os.PathLike], options: dict[str, Any]) -> 
 
 def is_cached(out_dir: str | os.PathLike, fp: dict[str, Any]) -> bool:
   manifest = pathlib.Path(out_dir) / MANIFEST
-  if not manifest.exists():
+  if not manifest.exists() or not (pathlib.Path(out_dir) / CHECKPOINT_DIR).is_dir():
     return False
   try:
     return json.loads(manifest.read_text()).get('fingerprint') == fp
@@ -205,7 +206,7 @@ def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, np.ndarra
     tok = str(out / TOKENIZER_FILE)
     if pathlib.Path(tokenizer_path).resolve() != pathlib.Path(tok):
       shutil.copyfile(tokenizer_path, tok)
-  ckpt_dir = out / 'checkpoint'
+  ckpt_dir = out / CHECKPOINT_DIR
   cfg = lm_config_for(model_cfg, tok, ckpt_dir)
   if ckpt_dir.exists():
     shutil.rmtree(ckpt_dir)  # A stale or half-written checkpoint from an earlier run.
@@ -215,3 +216,14 @@ def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, np.ndarra
               'created': time.strftime('%Y-%m-%dT%H:%M:%S')}
   (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
   return cfg
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+  """A conversion's OUT_DIR stands for its checkpoint/ subdirectory; other paths (an lm
+  checkpoint, a run's workdir) pass through to lm.checkpoint."""
+  p = pathlib.Path(path).expanduser().resolve()
+  if (p / MANIFEST).exists() and (p / CHECKPOINT_DIR).is_dir():
+    return str(p / CHECKPOINT_DIR)
+  if not p.exists():
+    raise ConvertError(f'{p}: checkpoint directory does not exist')
+  return str(p)

@@ -578,13 +578,3 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
   out = export_params(lm_model.flatten_params(params), cfg, out_dir, dtype)
   log(f'{ckpt_dir} -> {out} (Hugging Face {family_of_lm(cfg.model)})')
   return out
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> str:
-  """A conversion's OUT_DIR stands for its checkpoint/ subdirectory."""
-  p = pathlib.Path(path).expanduser().resolve()
-  if (p / 'convert.json').exists() and (p / 'checkpoint').exists():
-    return str(p / 'checkpoint')
-  if not p.exists():
-    raise ConvertError(f'{p}: checkpoint directory does not exist')
-  return str(p)
