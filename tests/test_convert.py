@@ -222,11 +222,11 @@ def tiny_vocab(size):
   return tokens, scores, types
 
 
-def write_gguf(path, arch, hf, model, quantized=()):
+def write_gguf(path, arch, hf, model, quantized=(), skip=(), arch_name=None):
   """A GGUF as llama.cpp's converter writes it: renamed tensors, Gemma norms + 1, Llama q/k
-  permuted; tensors named in `quantized` stored as Q8_0."""
+  permuted; tensors named in `quantized` stored as Q8_0, those in `skip` left out."""
   c = model.config
-  w = gguf.GGUFWriter(str(path), arch)
+  w = gguf.GGUFWriter(str(path), arch_name or arch)
   w.add_block_count(c.num_hidden_layers)
   w.add_context_length(128)
   w.add_embedding_length(c.hidden_size)
@@ -259,6 +259,8 @@ def write_gguf(path, arch, hf, model, quantized=()):
       continue
     x = x.numpy().astype(np.float32)
     gname = table[name]
+    if gname in skip:
+      continue
     if arch == 'gemma3' and 'norm' in gname:
       x = x + 1.0
     if arch == 'llama' and ('attn_q.' in gname or 'attn_k.' in gname):
@@ -386,6 +388,17 @@ def test_unsupported_options_are_named(tmp_path):
   with pytest.raises(ConvertError, match='not periodic'):
     chf.model_config_from_hf({**json.loads(transformers.Gemma3TextConfig(**GEMMA3).to_json_string()),
                               'layer_types': ['full_attention', 'sliding_attention', 'full_attention']})
+
+
+def test_gguf_unknown_architecture_and_missing_tensor(tmp_path):
+  model = hf_model('gemma3', **GGUF_GEMMA3)
+  write_gguf(tmp_path / 'falcon.gguf', 'gemma3', GGUF_GEMMA3, model, arch_name='falcon')
+  with pytest.raises(ConvertError, match="general.architecture='falcon'"):
+    cgguf.convert_gguf(tmp_path / 'falcon.gguf', tmp_path / 'out', log=lambda *_: None)
+  write_gguf(tmp_path / 'holes.gguf', 'gemma3', GGUF_GEMMA3, model, skip=('blk.2.ffn_up.weight',))
+  with pytest.raises(ConvertError, match=r"missing tensor 'blk.2.ffn_up.weight' \(lm parameter "
+                     r"'layers_2/mlp/wi_1/kernel'\)"):
+    cgguf.convert_gguf(tmp_path / 'holes.gguf', tmp_path / 'out', log=lambda *_: None)
 
 
 def test_tokenizer_larger_than_the_model_is_rejected(tmp_path):
