@@ -55,8 +55,12 @@ def rules_tuple(rules) -> tuple:
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules):
-  """Mesh + logical rules in scope, so the model's activation constraints take effect."""
-  with mesh, nn.logical_axis_rules(rules_tuple(rules)):
+  """Mesh + logical rules in scope, so the model's activation constraints take effect.
+
+  flax applies nn.with_logical_constraint only under jax.set_mesh (it reads the abstract mesh);
+  `with mesh` alone made every activation constraint a silent no-op.
+  """
+  with mesh, jax.set_mesh(mesh), nn.logical_axis_rules(rules_tuple(rules)):
     yield
 
 
