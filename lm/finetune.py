@@ -208,6 +208,11 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     if 'before' not in report:  # A resumed run keeps the numbers measured before step 0.
       report = {'before': measure(run, eval_fn, params), 'optimizer_state_mb': opt_mb,
                 'parameters': parameter_table(run)}
+      if run.cfg.train.sample_tokens and run.task != 'classify':
+        report['samples_before'] = loop.sample_text(run, params, list(run.cfg.train.sample_prompts),
+                                                    run.cfg.train.sample_tokens, seed=run.cfg.seed)
+        print('samples before fine-tuning:\n  ' + '\n  '.join(
+            t.replace('\n', '\n  ') for t in report['samples_before']))
       if jax.process_index() == 0:
         report_path.write_text(json.dumps(report, indent=1))
     return {}
