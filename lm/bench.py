@@ -120,4 +120,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # absl spells flags with underscores; accept the documented --dry-run as well.
+  sys.argv = ['--dry_run' + a[len('--dry-run'):] if a.startswith('--dry-run') else a
+              for a in sys.argv]
   app.run(main)

@@ -368,8 +368,12 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   if step >= total_steps and not summary.get('preempted'):
     if on_end is not None:
       summary.update(on_end(run, eval_fn, state.params) or {})
+    sample_params = state.params
+    if cfg.train.sample_tokens and run.task != 'classify' and jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # Every process takes part in the gather.
+      sample_params = multihost_utils.process_allgather(state.params, tiled=True)
     if cfg.train.sample_tokens and jax.process_index() == 0 and run.task != 'classify':
-      summary['samples'] = sample_text(run, state.params, list(cfg.train.sample_prompts),
+      summary['samples'] = sample_text(run, sample_params, list(cfg.train.sample_prompts),
                                        cfg.train.sample_tokens, seed=cfg.seed)
       progress.print('samples:')
       for text in summary['samples']:
