@@ -1,0 +1,301 @@
+"""Per-device memory plan of a training run, computed without allocating anything.
+
+    python -m lm.bench --dry-run --config=configs/llama_1b.py --devices=32
+    python -m lm.bench --dry-run --config=configs/llama_7b.py --devices=256 --config.mesh.tensor=4
+
+`plan(cfg, num_devices)` builds the mesh the config asks for over `num_devices` devices (an
+abstract mesh: the devices need not exist), takes the shapes of params and optimizer state
+from `jax.eval_shape`, their shardings from the logical-axis rules, and reports per device:
+
+  params       sharded bytes of the parameters (lm.sharding.sharded_bytes)
+  optimizer    sharded bytes of the optimizer state (AdamW: two moments per trainable param,
+               sharded like their parameter; frozen parameters hold none)
+  gradients    one gradient per trainable parameter, sharded like it (the reduce-scattered
+               gradient the update consumes)
+  batch        the step's input arrays (int32 tokens/targets/segments/positions, f32 mask)
+  activations  what the backward pass keeps from the forward pass, plus the largest transient
+               working set, estimated from the model config (formula below)
+
+and, when the backend has `num_devices` devices (on CPU: set
+XLA_FLAGS=--xla_force_host_platform_device_count=N), the compiled train step's own figures
+from `jit(train_step).lower(...).compile().memory_analysis()`: arguments (state + batch),
+outputs, aliased (donated) bytes, temporaries, and peak = arguments + outputs - aliased + temps.
+
+Activation formula (per device). b = bytes of model.dtype; n = tokens per device per
+micro-batch = data.batch_size / optim.grad_accum / (mesh data x fsdp) x seq_len; t = mesh tensor
+size (it divides every head, MLP and vocab dim); D d_model, F mlp_dim, H / K query / kv heads,
+Dh head_dim, V vocab, L layers, S = keys a query attends (seq_len, or the window on local layers).
+
+  one layer without remat keeps, per token, what its backward pass reads:
+      b * (4D + (2H + 2K) Dh / t + 3F / t)      residual in, its norm, q k v, attention out,
+                                                 residual mid, its norm, gate, up, gate*up
+    + b * H / t * S                              the softmax probabilities
+  remat 'none'          saved = L x that; working = 0
+  remat 'save_matmuls'  saved = L x n b (3D + (H + 2K) Dh / t + 2F / t)   (block input and the
+                        projections' outputs); working = one layer's 'none' figure (recomputed)
+  remat 'full'          saved = L x n b D (block input); working = one layer's 'none' figure
+  logits                n * V / t * 4 * 3   (float32 logits, softmax, their gradient)
+  activations = saved + working + logits
+
+FSDP working set: a parameter sharded over the data/fsdp axes is all-gathered before use, and
+its full gradient exists before the reduce-scatter. Both are counted, at the compute dtype, for
+the embedding/head and for the layers live at once: 2 with model.scan_layers (the current one
+and the next, prefetched), all L without (XLA may hoist every gather; the CPU compiler does).
+
+It is an estimate: XLA fuses and rematerialises on its own, and the CPU compiler computes
+bfloat16 matmuls in float32, so its compiled figures for bfloat16 configs run higher than a
+TPU/GPU compile would. tests/test_memory.py checks the tiny config on 8 CPU devices is within
+20% of the compiled peak.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh
+
+from lm import model as model_lib
+from lm import optim, sharding, step as step_lib
+from lm.config import MESH_AXES, ConfigError
+
+MB = 2**20
+
+
+def is_finetune(cfg: ml_collections.ConfigDict) -> bool:
+  f = cfg.finetune
+  return bool(f.restore_from or f.lora_rank or f.freeze or f.trainable)
+
+
+def mesh_sizes(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """{axis: size} of the mesh cfg.mesh gives over num_devices devices (ICI x DCN sizes)."""
+  ici, dcn = sharding.mesh_shape(cfg.mesh, num_devices)
+  return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def abstract_mesh(cfg: ml_collections.ConfigDict, num_devices: int) -> AbstractMesh:
+  sizes = mesh_sizes(cfg, num_devices)
+  return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def _model_cfg(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """cfg.model with vocab_size 0 ('the tokenizer's') read as tokenizer.vocab_size."""
+  m = ml_collections.ConfigDict(cfg.model.to_dict())
+  if not m.vocab_size:
+    m.vocab_size = cfg.tokenizer.vocab_size
+  return m
+
+
+def abstract_state(cfg: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+  """Shapes and shardings of params, optimizer state and gradients on `mesh` (no allocation)."""
+  m = _model_cfg(cfg)
+  finetune = is_finetune(cfg)
+  model = model_lib.build_model(m, cfg.finetune if finetune else None)
+  init = step_lib.init_fn(model, cfg.data.seq_len, m.num_classes)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  logical_specs = nn.get_partition_spec(boxed)
+  params_shardings = sharding.logical_to_shardings(logical_specs, mesh, cfg.mesh.rules)
+  params = nn.meta.unbox(boxed)
+  flat, flat_shardings = (model_lib.flatten_params(params),
+                          model_lib.flatten_params(params_shardings))
+  trainable = optim.trainable_paths(list(flat), cfg.finetune if finetune else None)
+  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps, trainable)
+  train_flat = {p: flat[p] for p in trainable}
+  train_shardings = {p: flat_shardings[p] for p in trainable}
+  state_shardings = step_lib.state_shardings(params_shardings, tx, train_flat, train_shardings,
+                                             mesh)
+  opt = jax.eval_shape(tx.init, train_flat)
+  return dict(model=model, model_cfg=m, tx=tx, schedule=schedule, trainable=trainable,
+              params=params, params_shardings=params_shardings, logical_specs=logical_specs,
+              opt=opt,
+              state_shardings=state_shardings, train_flat=train_flat,
+              train_shardings=train_shardings)
+
+
+def batch_specs(cfg: ml_collections.ConfigDict, task: str) -> dict[str, jax.ShapeDtypeStruct]:
+  B, T = cfg.data.batch_size, cfg.data.seq_len
+  spec = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
+          'positions': jnp.int32, 'loss_mask': jnp.float32}
+  out = {k: jax.ShapeDtypeStruct((B, T), d) for k, d in spec.items()}
+  if task == 'classify':
+    out['labels'] = jax.ShapeDtypeStruct((B,), jnp.int32)
+  return out
+
+
+def _task(cfg) -> str:
+  return cfg.finetune.task if is_finetune(cfg) else 'lm'
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> dict[str, float]:
+  """The activation estimate of the module docstring, per device: saved, working, logits."""
+  m = _model_cfg(cfg)
+  b = np.dtype(jnp.dtype(m.dtype)).itemsize
+  rows = cfg.data.batch_size / cfg.optim.grad_accum / (sizes['data'] * sizes['fsdp'])
+  T = cfg.data.seq_len
+  n = rows * T
+  t = sizes['tensor']
+  D, F, H, K, Dh = m.d_model, m.mlp_dim, m.n_heads, m.n_kv_heads, model_lib.head_dim(m)
+
+  def keys(layer: int) -> int:
+    local = m.sliding_window and not model_lib.layer_is_global(m, layer)
+    return min(T, m.sliding_window) if local else T
+
+  def full_layer(layer: int) -> float:
+    return n * b * (4 * D + (2 * H + 2 * K) * Dh / t + 3 * F / t + H / t * keys(layer))
+
+  per_layer = {
+      'none': full_layer,
+      'save_matmuls': lambda layer: n * b * (3 * D + (H + 2 * K) * Dh / t + 2 * F / t),
+      'full': lambda layer: n * b * D,
+  }[m.remat]
+  saved = sum(per_layer(i) for i in range(m.n_layers))
+  working = 0.0 if m.remat == 'none' else max(full_layer(i) for i in range(m.n_layers))
+  logits = n * (m.vocab_size / t) * 4 * 3 if _task(cfg) != 'classify' else 0.0
+  return {'saved': saved, 'working': working, 'logits': logits,
+          'total': saved + working + logits}
+
+
+def _is_layer(path: str) -> bool:
+  return path.startswith('layers/') or re.match(r'layers_\d+/', path) is not None
+
+
+def fsdp_working_bytes(cfg: ml_collections.ConfigDict, s: dict, mesh) -> float:
+  """Gathered parameters + unreduced gradients of the live layers (module docstring)."""
+  m = s['model_cfg']
+  b = np.dtype(jnp.dtype(m.dtype)).itemsize
+  compute_rules = [(name, _drop_axes(axes, ('data', 'fsdp'))) for name, axes in cfg.mesh.rules]
+  flat = model_lib.flatten_params(s['params'])
+  logical = model_lib.flatten_params(s['logical_specs'])
+  stored = model_lib.flatten_params(s['params_shardings'])
+  layer_bytes = other_bytes = 0.0
+  for path, x in flat.items():
+    gathered = sharding.logical_to_shardings(logical[path], mesh, compute_rules)
+    elements = math.prod(gathered.shard_shape(x.shape))
+    if elements == math.prod(stored[path].shard_shape(x.shape)):
+      continue  # Not sharded over data/fsdp: used in place, its gradient reduced in place.
+    if _is_layer(path):
+      layer_bytes += elements * b
+    else:
+      other_bytes += elements * b
+  live = min(m.n_layers, 2) if m.scan_layers else m.n_layers
+  return 2 * (other_bytes + layer_bytes * live / m.n_layers)
+
+
+def _drop_axes(axes, drop):
+  if isinstance(axes, (tuple, list)):
+    kept = tuple(a for a in axes if a not in drop)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
+  return None if axes in drop else axes
+
+
+def compiled_memory(cfg: ml_collections.ConfigDict, devices) -> dict[str, float] | None:
+  """memory_analysis() of the train step compiled for `devices` (nothing is allocated)."""
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  s = abstract_state(cfg, mesh)
+  rules = cfg.mesh.rules
+  sh = s['state_shardings']
+  with_sharding = lambda x, shd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd)
+  state = step_lib.TrainState(
+      step=with_sharding(jax.ShapeDtypeStruct((), jnp.int32), sh.step),
+      params=jax.tree.map(with_sharding, s['params'], sh.params),
+      opt_state=jax.tree.map(with_sharding, s['opt'], sh.opt_state),
+      rng=with_sharding(jax.eval_shape(lambda: jax.random.key(0)), sh.rng))
+  batch = {k: with_sharding(v, sharding.batch_sharding(mesh, rules, len(v.shape)))
+           for k, v in batch_specs(cfg, _task(cfg)).items()}
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(s['model'], s['tx'], s['schedule'], s['trainable'],
+                               task=_task(cfg), z_loss=cfg.train.z_loss,
+                               grad_accum=cfg.optim.grad_accum),
+      sh, jax.tree.map(lambda x: x.sharding, batch))
+  with sharding.activate(mesh, rules):
+    compiled = train_step.lower(state, batch).compile()
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  out = {'arguments': analysis.argument_size_in_bytes, 'outputs': analysis.output_size_in_bytes,
+         'aliased': analysis.alias_size_in_bytes, 'temps': analysis.temp_size_in_bytes}
+  out['peak'] = out['arguments'] + out['outputs'] - out['aliased'] + out['temps']
+  return out
+
+
+def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = True) -> dict:
+  """The per-device memory plan (bytes) for cfg on num_devices devices; see the docstring.
+
+  With compile=True and at least num_devices devices on the default backend, the compiled
+  train step's memory_analysis is added under 'compiled'.
+  """
+  sizes = mesh_sizes(cfg, num_devices)
+  batch_ways = sizes['data'] * sizes['fsdp']
+  if cfg.data.batch_size % (batch_ways * cfg.optim.grad_accum):
+    raise ConfigError(f'config key data.batch_size: {cfg.data.batch_size} rows (in '
+                      f'{cfg.optim.grad_accum} micro-batches) cannot be split over mesh data x '
+                      f'fsdp = {batch_ways} devices')
+  mesh = abstract_mesh(cfg, num_devices)
+  s = abstract_state(cfg, mesh)
+  rules = cfg.mesh.rules
+  params = sharding.sharded_bytes(s['params'], s['params_shardings'])
+  opt = sharding.sharded_bytes(s['opt'], s['state_shardings'].opt_state)
+  grads = sharding.sharded_bytes(s['train_flat'], s['train_shardings'])
+  specs = batch_specs(cfg, _task(cfg))
+  batch = sharding.sharded_bytes(
+      specs, {k: sharding.batch_sharding(mesh, rules, len(v.shape)) for k, v in specs.items()})
+  acts = activation_bytes(cfg, sizes)
+  fsdp = fsdp_working_bytes(cfg, s, mesh)
+  total = params + opt + grads + batch + fsdp + acts['total']
+  result = {
+      'config': cfg.name, 'devices': num_devices, 'mesh': sizes,
+      'params': int(model_lib.count_params(s['params'])),
+      'trainable': int(sum(math.prod(x.shape) for x in s['train_flat'].values())),
+      'tokens_per_device': cfg.data.batch_size * cfg.data.seq_len // (sizes['data'] * sizes['fsdp']),
+      'remat': s['model_cfg'].remat, 'dtype': s['model_cfg'].dtype,
+      'scan_layers': bool(s['model_cfg'].scan_layers),
+      'bytes': {'params': params, 'optimizer': opt, 'gradients': grads, 'batch': batch,
+                'fsdp_gathered': fsdp, 'activations': acts['total'],
+                'activations_saved': acts['saved'], 'activations_working': acts['working'],
+                'logits': acts['logits'], 'total': total},
+      'compiled': None,
+  }
+  if compile:
+    if jax.device_count() >= num_devices:
+      result['compiled'] = compiled_memory(cfg, jax.devices()[:num_devices])
+      result['compiled_backend'] = jax.default_backend()
+    else:
+      result['compiled_note'] = (
+          f'compiled figures: need {num_devices} devices, this {jax.default_backend()} backend '
+          f'has {jax.device_count()} (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count='
+          f'{num_devices})')
+  return result
+
+
+def format_plan(result: dict) -> str:
+  """A readable per-device table (MiB) of a plan."""
+  b = result['bytes']
+  mesh = ' x '.join(f'{a}={n}' for a, n in result['mesh'].items())
+  lines = [f"{result['config']}: {result['params'] / 1e6:,.1f}M params "
+           f"({result['trainable'] / 1e6:,.1f}M trainable) on {result['devices']} devices, "
+           f"mesh {mesh}; {result['tokens_per_device']:,} tokens/device/step, "
+           f"dtype {result['dtype']}, remat {result['remat']}"
+           f"{', scanned layers' if result['scan_layers'] else ''}",
+           'per device (MiB):']
+  for key in ('params', 'optimizer', 'gradients', 'batch', 'fsdp_gathered', 'activations'):
+    lines.append(f'  {key:<14} {b[key] / MB:>12,.1f}')
+  lines.append(f"    {'saved':<12} {b['activations_saved'] / MB:>12,.1f}")
+  lines.append(f"    {'working':<12} {b['activations_working'] / MB:>12,.1f}")
+  lines.append(f"    {'logits':<12} {b['logits'] / MB:>12,.1f}")
+  lines.append(f"  {'total':<14} {b['total'] / MB:>12,.1f}")
+  c = result.get('compiled')
+  if c:
+    lines.append(f"compiled train step ({result.get('compiled_backend')}) per device (MiB): "
+                 f"arguments {c['arguments'] / MB:,.1f}, outputs {c['outputs'] / MB:,.1f}, "
+                 f"aliased {c['aliased'] / MB:,.1f}, temps {c['temps'] / MB:,.1f}, "
+                 f"peak {c['peak'] / MB:,.1f} (estimate/compiled "
+                 f"{b['total'] / max(c['peak'], 1):.2f})")
+  elif result.get('compiled_note'):
+    lines.append(result['compiled_note'])
+  return '\n'.join(lines)

@@ -1,0 +1,84 @@
+"""The dry-run memory plan (lm.memory, python -m lm.bench --dry-run): estimate vs compiled step."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lm import memory
+from test_train import ROOT, load_config_file
+
+MB = 2**20
+
+
+def shipped(name, **overrides):
+  cfg = load_config_file(os.path.join(ROOT, 'configs', f'{name}.py'))
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    cfg[section][field] = value
+  return cfg
+
+
+@pytest.mark.parametrize('overrides', [
+    {},  # configs/tiny.py as shipped: FSDP over the 8 devices.
+    {'mesh.data': 8, 'mesh.fsdp': 1},  # Data parallel: replicated state.
+    {'mesh.fsdp': 4, 'mesh.tensor': 2, 'model.remat': 'full', 'model.scan_layers': True},
+])
+def test_tiny_estimate_is_within_20_percent_of_the_compiled_step(overrides):
+  plan = memory.plan(shipped('tiny', **overrides), 8)
+  compiled = plan['compiled']
+  assert compiled is not None, plan.get('compiled_note')
+  ratio = plan['bytes']['total'] / compiled['peak']
+  assert 0.8 <= ratio <= 1.2, memory.format_plan(plan)
+  # The state the step takes as arguments is exactly params + optimizer state + batch (+ the
+  # step counter and rng key, a few bytes).
+  b = plan['bytes']
+  state = b['params'] + b['optimizer'] + b['batch']
+  assert state <= compiled['arguments'] <= state + 1024
+
+
+def test_plans_for_more_devices_than_exist_without_allocating():
+  cfg = shipped('llama_1b')
+  plan = memory.plan(cfg, 256)
+  assert plan['compiled'] is None and '256' in plan['compiled_note']
+  assert plan['mesh'] == {'data': 1, 'fsdp': 256, 'tensor': 1}
+  assert 1.0e9 < plan['params'] < 1.1e9
+  # float32 params, FSDP over 256 devices: 1/256 of them each (norm scales are replicated).
+  assert plan['bytes']['params'] == pytest.approx(plan['params'] * 4 / 256, rel=0.02)
+  assert plan['bytes']['optimizer'] == pytest.approx(2 * plan['bytes']['params'], rel=0.01)
+  # Tensor parallelism: the same state per device; 4x the tokens per device (the batch is
+  # split 64 ways, not 256), but each token's head and MLP activations split 4 ways.
+  cfg.mesh.tensor = 4
+  tp = memory.plan(cfg, 256)
+  assert tp['mesh'] == {'data': 1, 'fsdp': 64, 'tensor': 4}
+  assert tp['bytes']['params'] == pytest.approx(plan['bytes']['params'], rel=0.02)
+  assert tp['tokens_per_device'] == 4 * plan['tokens_per_device']
+  per_token = lambda p: p['bytes']['activations_working'] / p['tokens_per_device']
+  assert per_token(tp) < per_token(plan) / 2
+
+
+def test_remat_and_batch_scale_the_activations_as_the_formula_says():
+  base = memory.activation_bytes(shipped('small'), {'data': 8, 'fsdp': 1, 'tensor': 1})
+  half = memory.activation_bytes(shipped('small', **{'data.batch_size': 128}),
+                                 {'data': 8, 'fsdp': 1, 'tensor': 1})
+  assert half['total'] == pytest.approx(base['total'] / 2)
+  full = memory.activation_bytes(shipped('small', **{'model.remat': 'full'}),
+                                 {'data': 8, 'fsdp': 1, 'tensor': 1})
+  none = memory.activation_bytes(shipped('small', **{'model.remat': 'none'}),
+                                 {'data': 8, 'fsdp': 1, 'tensor': 1})
+  assert full['saved'] < base['saved'] < none['saved']
+
+
+def test_dry_run_cli_prints_the_table(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'lm.bench', '--dry-run', '--config=configs/llama_7b.py',
+       '--devices=256', f'--json={tmp_path / "plan.json"}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=120,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  assert out.returncode == 0, out.stderr
+  assert 'llama_7b: 6,738.4M params' in out.stdout and 'fsdp=256' in out.stdout
+  for row in ('params', 'optimizer', 'gradients', 'activations', 'total'):
+    assert f'  {row}' in out.stdout
+  assert (tmp_path / 'plan.json').exists()
