@@ -11,7 +11,8 @@ from `jax.eval_shape`, their shardings from the logical-axis rules, and reports 
   optimizer    sharded bytes of the optimizer state (AdamW: two moments per trainable param,
                sharded like their parameter; frozen parameters hold none)
   gradients    one gradient per trainable parameter, sharded like it (the reduce-scattered
-               gradient the update consumes)
+               gradient the update consumes); twice that with optim.grad_accum > 1 (the
+               running sum and the current micro-batch's)
   batch        the step's input arrays (int32 tokens/targets/segments/positions, f32 mask)
   activations  what the backward pass keeps from the forward pass, plus the largest transient
                working set, estimated from the model config (formula below)
@@ -30,21 +31,26 @@ Dh head_dim, V vocab, L layers, S = keys a query attends (seq_len, or the window
       b * (4D + (2H + 2K) Dh / t + 3F / t)      residual in, its norm, q k v, attention out,
                                                  residual mid, its norm, gate, up, gate*up
     + b * H / t * S                              the softmax probabilities
-  remat 'none'          saved = L x that; working = 0
+  remat 'none'          saved = L x that
   remat 'save_matmuls'  saved = L x n b (3D + (H + 2K) Dh / t + 2F / t)   (block input and the
-                        projections' outputs); working = one layer's 'none' figure (recomputed)
-  remat 'full'          saved = L x n b D (block input); working = one layer's 'none' figure
+                        projections' outputs), plus one layer's 'none' figure in the working set
+                        (the layer being recomputed)
+  remat 'full'          saved = L x n b D (block input), plus one layer's 'none' figure in the
+                        working set
+  working              += n * 8 * H / t * S   (the backward pass's float32 gradients of one
+                        layer's attention probabilities and scores)
   logits                n * V / t * 4 * 3   (float32 logits, softmax, their gradient)
   activations = saved + working + logits
 
 FSDP working set: a parameter sharded over the data/fsdp axes is all-gathered before use, and
 its full gradient exists before the reduce-scatter. Both are counted, at the compute dtype, for
-the embedding/head and for the layers live at once: 2 with model.scan_layers (the current one
-and the next, prefetched), all L without (XLA may hoist every gather; the CPU compiler does).
+the embedding/head and for the layers live at once: one with model.scan_layers (the loop body;
+a compiler that prefetches the next layer's gather holds one more), all L without (XLA may
+hoist every gather; the CPU compiler does).
 
-It is an estimate: XLA fuses and rematerialises on its own, and the CPU compiler computes
-bfloat16 matmuls in float32, so its compiled figures for bfloat16 configs run higher than a
-TPU/GPU compile would. tests/test_memory.py checks the tiny config on 8 CPU devices is within
+It is an estimate: XLA fuses, schedules and rematerialises on its own, and the CPU compiler
+(the only one this was checked against) keeps float32 copies of some bfloat16 values; see
+docs/scaling.md for estimate vs compiled figures. tests/test_memory.py checks the tiny config on 8 CPU devices is within
 20% of the compiled peak.
 """
 
@@ -155,7 +161,10 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> d
       'full': lambda layer: n * b * D,
   }[m.remat]
   saved = sum(per_layer(i) for i in range(m.n_layers))
-  working = 0.0 if m.remat == 'none' else max(full_layer(i) for i in range(m.n_layers))
+  # Backward through attention holds float32 gradients of the probabilities and the scores.
+  attention_grads = max(n * 8 * H / t * keys(i) for i in range(m.n_layers))
+  recomputed = 0.0 if m.remat == 'none' else max(full_layer(i) for i in range(m.n_layers))
+  working = recomputed + attention_grads
   logits = n * (m.vocab_size / t) * 4 * 3 if _task(cfg) != 'classify' else 0.0
   return {'saved': saved, 'working': working, 'logits': logits,
           'total': saved + working + logits}
@@ -183,7 +192,7 @@ def fsdp_working_bytes(cfg: ml_collections.ConfigDict, s: dict, mesh) -> float:
       layer_bytes += elements * b
     else:
       other_bytes += elements * b
-  live = min(m.n_layers, 2) if m.scan_layers else m.n_layers
+  live = 1 if m.scan_layers else m.n_layers
   return 2 * (other_bytes + layer_bytes * live / m.n_layers)
 
 
@@ -242,6 +251,8 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = Tr
   params = sharding.sharded_bytes(s['params'], s['params_shardings'])
   opt = sharding.sharded_bytes(s['opt'], s['state_shardings'].opt_state)
   grads = sharding.sharded_bytes(s['train_flat'], s['train_shardings'])
+  if cfg.optim.grad_accum > 1:
+    grads *= 2  # The running sum and the current micro-batch's gradients.
   specs = batch_specs(cfg, _task(cfg))
   batch = sharding.sharded_bytes(
       specs, {k: sharding.batch_sharding(mesh, rules, len(v.shape)) for k, v in specs.items()})
