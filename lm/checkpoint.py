@@ -6,16 +6,27 @@ Layout of a run's workdir:
                                         per-shard positions, so any process count restores it)
   <workdir>/checkpoints/<step>/config   the run's config as JSON
 
+  <workdir>/checkpoints/<step>/lm_manifest.json   size and SHA-256 of every file above
+
 Orbax writes each step into a temporary directory and renames it only when complete, so a
 run killed mid-save never leaves a half-written step that looks finished. Restoring takes
 target shardings from abstract arrays, so a checkpoint saved on one mesh restores onto any
 other (or any number of processes).
+
+Integrity: once every process has written its files and just before Orbax renames the
+temporary directory (its post_finalization_callback, on the primary process), the manifest
+is written into it, so a committed step always carries one. `restore_latest` checks a step
+against its manifest before trusting it (a flipped byte, a truncated or missing file), then
+restores it; a step that fails is named in a warning and the previous one is tried. Steps
+without a manifest (written before manifests existed) are checked by restoring them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import time
 from typing import Any
 
 import grain
@@ -23,12 +34,15 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from lm import config as config_lib
 from lm import model as model_lib
 
 STATE, DATA, CONFIG = 'state', 'data', 'config'
+MANIFEST = 'lm_manifest.json'  # {file: [bytes, sha256]} of a step's item files.
+_ORBAX_TMP = '.orbax-checkpoint-tmp'  # Orbax's suffix for a step still being written.
 
 
 class CheckpointError(ValueError):
@@ -44,15 +58,102 @@ def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
   return absolute(workdir) / 'checkpoints'
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, always asynchronous underneath (the manifest is written by the async
+  commit callback); blocking=True waits for each save, as async_save=False asks."""
+
+  def __init__(self, *args, blocking: bool = False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._blocking = blocking
+
+  def save(self, *args, **kwargs) -> bool:
+    saved = super().save(*args, **kwargs)
+    if self._blocking:
+      self.wait_until_finished()
+    return saved
+
+
 def make_manager(directory: str | os.PathLike, *, keep: int | None = None, keep_period: int = 0,
                  async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+  directory = absolute(directory)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=async_save,
-      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
+      max_to_keep=keep, keep_period=keep_period or None, enable_async_checkpointing=True,
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+      async_options=ocp.AsyncOptions(post_finalization_callback=lambda: _seal(directory)))
   handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
               CONFIG: ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(absolute(directory), options=options,
-                               item_handlers=handlers, item_names=(STATE, DATA, CONFIG))
+  return _Manager(directory, options=options, item_handlers=handlers,
+                  item_names=(STATE, DATA, CONFIG), blocking=not async_save)
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _item_files(step_dir: epath.Path) -> list[epath.Path]:
+  """The files of a step's items (state/, data/, config/): what the manifest covers. Orbax's
+  top-level _CHECKPOINT_METADATA and commit_success.txt change at commit, after the manifest."""
+  def walk(directory):  # Not rglob: epath refuses recursive globs (costly on object stores).
+    for p in sorted(directory.iterdir()):
+      if p.is_dir():
+        yield from walk(p)
+      else:
+        yield p
+  return [f for item in sorted(step_dir.iterdir()) if item.is_dir() for f in walk(item)]
+
+
+def _size_and_sha256(path: epath.Path) -> tuple[int, str]:
+  digest, size = hashlib.sha256(), 0
+  with path.open('rb') as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+      size += len(chunk)
+  return size, digest.hexdigest()
+
+
+def write_manifest(step_dir: str | os.PathLike) -> None:
+  """Records size and SHA-256 of every item file of a fully written step (atomically)."""
+  step_dir = epath.Path(step_dir)
+  files = {str(p.relative_to(step_dir)): list(_size_and_sha256(p)) for p in _item_files(step_dir)}
+  tmp = step_dir / (MANIFEST + '.tmp')
+  tmp.write_text(json.dumps({'format': 1, 'files': files}, indent=1))
+  tmp.rename(step_dir / MANIFEST)
+
+
+def _seal(directory: epath.Path) -> None:
+  """Orbax's post-finalization callback: every process has written the step, which is not yet
+  renamed to its final name; write its manifest so that it is committed together with it."""
+  pending = [p for p in directory.glob(f'*{_ORBAX_TMP}*') if p.name.split('.')[0].isdigit()]
+  if not pending:  # Object stores commit in place (a commit_success file): the newest unsealed.
+    pending = [p for p in directory.iterdir()
+               if p.name.isdigit() and not (p / MANIFEST).exists()]
+  if pending:
+    write_manifest(max(pending, key=lambda p: int(p.name.split('.')[0])))
+
+
+def verify_step(step_dir: str | os.PathLike) -> tuple[bool, str]:
+  """(has a manifest, problem): problem is '' when every listed file has its size and checksum."""
+  step_dir = epath.Path(step_dir)
+  manifest = step_dir / MANIFEST
+  if not manifest.exists():
+    return False, ''
+  try:
+    files = json.loads(manifest.read_text())['files']
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    return True, f'its checksum manifest {MANIFEST} is unreadable ({e})'
+  problems = []
+  for name, (size, sha) in sorted(files.items()):
+    path = step_dir / name
+    if not path.exists():
+      problems.append(f'{name} is missing')
+      continue
+    actual_size, actual_sha = _size_and_sha256(path)
+    if actual_size != size:
+      problems.append(f'{name} has {actual_size} bytes, {size} expected (truncated or overwritten)')
+    elif actual_sha != sha:
+      problems.append(f'{name} fails its SHA-256 checksum (bytes changed)')
+  if len(problems) > 3:
+    problems = problems[:3] + [f'{len(problems) - 3} more']
+  return True, '; '.join(problems)
 
 
 # --------------------------------------------------------------------------- config <-> JSON
@@ -94,7 +195,27 @@ def save(manager: ocp.CheckpointManager, step: int, state, *, data_iterator=None
     args[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
   if cfg is not None:
     args[CONFIG] = ocp.args.JsonSave(config_to_dict(cfg))
-  return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  try:  # Also reports a failure of the previous (async) save, which this one waits for.
+    return manager.save(step, args=ocp.args.Composite(**args), force=force)
+  except Exception as e:  # pylint: disable=broad-except  # Full disk, lost permission, ...
+    raise _write_error(manager, e) from e
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the in-flight save; a failed write becomes one clear CheckpointError."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_error(manager, e) from e
+
+
+def _write_error(manager: ocp.CheckpointManager, e: BaseException) -> CheckpointError:
+  directory = epath.Path(manager.directory)
+  complete = sorted(int(p.name) for p in directory.iterdir()
+                    if p.name.isdigit() and (p / MANIFEST).exists()) if directory.exists() else []
+  kept = (f'step {complete[-1]} is the newest complete one; the next start resumes from it'
+          if complete else 'no step is complete yet; the next start begins at step 0')
+  return CheckpointError(f'writing a checkpoint in {directory} failed ({_first_line(e)}); {kept}')
 
 
 def _restore_args(abstract_tree):
@@ -115,6 +236,74 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, *, data_i
   tree = restored[STATE]
   return abstract_state.replace(step=tree['step'], params=tree['params'],
                                 opt_state=tree['opt_state'], rng=tree['rng'])
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'[:500]
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_iterator=None,
+                   quarantine_dir: str | os.PathLike | None = None):
+  """(state, step) from the newest complete, intact checkpoint; (None, None) if there is none.
+
+  Newest first, each step is checked against its manifest, its params against the model (a
+  mismatch is a config error and raises at once), then restored. A step that fails is named
+  in a warning with its problem and the previous step is tried. When one restores, the failed
+  newer steps are moved to quarantine_dir (default <checkpoints>/../corrupt_checkpoints), kept
+  for inspection and out of the way of the next saves. If none restores, CheckpointError lists
+  every step's problem and nothing is moved.
+  """
+  directory = epath.Path(manager.directory)
+  expected = {p: (tuple(x.shape), np.dtype(x.dtype))
+              for p, x in model_lib.flatten_params(abstract_state.params).items()}
+  failed: list[tuple[int, str]] = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    step_dir = directory / str(step)
+    has_manifest, problem = verify_step(step_dir)
+    if not problem:
+      try:
+        saved = params_metadata(step_dir)
+      except CheckpointError as e:
+        problem = f'its metadata is unreadable ({e})'
+    if not problem:
+      check_params_match(saved, expected, source=str(step_dir))
+      if not has_manifest:
+        logging.warning('checkpoint step %d has no %s (saved before manifests); trusting it '
+                        'if it restores', step, MANIFEST)
+      try:
+        state = restore(manager, step, abstract_state, data_iterator=data_iterator)
+      except Exception as e:  # pylint: disable=broad-except  # Whatever a damaged file raises.
+        problem = f'restoring it failed ({_first_line(e)})'
+    if not problem:
+      if failed:
+        _quarantine(manager, [s for s, _ in failed], quarantine_dir)
+      return state, step
+    logging.warning('checkpoint step %d in %s is unusable: %s; falling back to the previous '
+                    'checkpoint', step, directory, problem)
+    failed.append((step, problem))
+  if failed:
+    raise CheckpointError(f'no usable checkpoint in {directory}: ' + '; '.join(
+        f'step {s}: {p}' for s, p in failed) + ' (move the directory away to start afresh)')
+  return None, None
+
+
+def _quarantine(manager: ocp.CheckpointManager, steps: list[int], quarantine_dir=None) -> None:
+  """Moves failed steps out of the checkpoints directory (process 0), then re-reads it."""
+  directory = epath.Path(manager.directory)
+  target_dir = epath.Path(quarantine_dir or directory.parent / 'corrupt_checkpoints')
+  if jax.process_index() == 0:
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+      target = target_dir / str(step)
+      if target.exists():
+        target = target_dir / f'{step}-{int(time.time())}'
+      (directory / str(step)).rename(target)
+      logging.warning('checkpoint step %d moved to %s', step, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('lm_checkpoint_quarantine')
+  manager.reload()
 
 
 # --------------------------------------------------------------------------- params only
@@ -190,6 +379,9 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, allow_new=(),
   abstract_params, everything is restored as saved onto the local devices.
   """
   directory, step = resolve(path)
+  _, problem = verify_step(directory / str(step))
+  if problem:  # Never load silently damaged weights.
+    raise CheckpointError(f'checkpoint {directory / str(step)} is corrupt: {problem}')
   saved = params_metadata(path)
   if abstract_params is None:
     abstract_flat = {p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in saved.items()}

@@ -177,7 +177,8 @@ def train_config() -> ConfigDict:
   c.init_from = ''  # Checkpoint (dir or step dir) to warm-start params from.
   c.z_loss = 0.0  # Weight of log(Z)^2 to keep logits' normaliser near 1.
   c.nan_policy = 'skip'  # 'skip' (count and skip the update) or 'stop'.
-  c.max_consecutive_nan = 5
+  c.max_consecutive_nan = 5  # Under 'skip': stop after this many non-finite steps in a row.
+  c.debug_nan_steps = ()  # Fault injection (tests): steps whose loss and gradients become NaN.
   c.sample_prompts = ('def ', 'The ', 'import ')
   c.sample_tokens = 48
   c.peak_flops = 0.0  # Per-device peak FLOP/s for MFU; 0 = measure (CPU) or look up.

@@ -11,6 +11,7 @@ which parameters train (finetune.freeze / trainable / LoRA), and the task's loss
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -86,6 +87,13 @@ def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> 
   workdir = preflight_workdir(workdir)
   validate(cfg, jax.device_count())
   mesh = sharding.make_mesh(cfg.mesh)
+  batch_axes = sharding.batch_sharding(mesh, cfg.mesh.rules).spec[0] or ()
+  batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+  batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+  if cfg.data.batch_size % batch_shards:  # Else an IndivisibleError from deep inside JAX.
+    raise ConfigError(f'config key data.batch_size: {cfg.data.batch_size} rows cannot be split '
+                      f'evenly over the {batch_shards} batch shards of mesh axes {batch_axes} '
+                      f'(mesh {dict(mesh.shape)})')
   tokenizer = tokenizer_lib.load_or_train(cfg, workdir)
   fit_vocab(cfg, tokenizer)
   task = cfg.finetune.task if is_finetune else 'lm'
@@ -120,6 +128,12 @@ def initial_params(run: Run):
   logging.info('restoring params from %s', source)
   return checkpoint.load_params(source, run.abstract_params, allow_new=allow_new,
                                 init_params=init_params)
+
+
+def data_fault(e: BaseException, where: str) -> data.DataError:
+  """One line naming the step and the file (OSError carries its filename; DataError names it)."""
+  detail = str(e) if isinstance(e, data.DataError) else f'{type(e).__name__}: {e}'
+  return data.DataError(f'{where}: {detail}')
 
 
 def make_iterator(run: Run, split: str, cfg: ml_collections.ConfigDict | None = None,
@@ -250,6 +264,19 @@ class StopSignal:
 # --------------------------------------------------------------------------- the loop
 
 
+@contextlib.contextmanager
+def _commit_saves_on_error(manager):
+  """A run that stops on an error (NaN policy, data fault) lets its in-flight save commit."""
+  try:
+    yield
+  except BaseException:
+    try:
+      checkpoint.wait(manager)
+    except checkpoint.CheckpointError as e:  # Report the original error; this one in a line.
+      logging.error('%s', e)
+    raise
+
+
 def restore_or_init(run: Run, manager, tx, train_iterator):
   """(state, shardings, resumed_from_step or None)."""
   cfg = run.cfg
@@ -263,7 +290,8 @@ def restore_or_init(run: Run, manager, tx, train_iterator):
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   del state
-  state = checkpoint.restore(manager, latest, abstract_state, data_iterator=train_iterator)
+  # The newest intact step; a corrupt or truncated newer one is named in a warning and skipped.
+  state, latest = checkpoint.restore_latest(manager, abstract_state, data_iterator=train_iterator)
   return state, shardings, latest
 
 
@@ -278,10 +306,14 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   cfg = run.cfg
   total_steps = cfg.train.steps
   tx, schedule = optim.make_optimizer(cfg.optim, total_steps, run.trainable)
-  train_iterator = make_iterator(run, 'train')
   manager = checkpoint.make_manager(checkpoint.checkpoint_dir(run.workdir), keep=cfg.train.keep,
                                     keep_period=cfg.train.keep_period,
                                     async_save=cfg.train.async_checkpoint)
+  try:
+    train_iterator = make_iterator(run, 'train')
+  except (data.DataError, OSError) as e:  # A source file removed or unreadable since the save.
+    latest = manager.latest_step()
+    raise data_fault(e, f'training data, at start-up (step {latest or 0})') from e
   state, shardings, resumed = restore_or_init(run, manager, tx, train_iterator)
   start_step = int(state.step)
   writer = metrics_lib.MetricsWriter(run.workdir)
@@ -302,7 +334,10 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   if on_start is not None:
     summary.update(on_start(run, eval_fn, state.params) or {})
   if cfg.train.eval_every and start_step == 0:  # Where the run starts, to compare the end with.
-    summary['eval_start'] = evaluate(run, eval_fn, state.params)
+    try:
+      summary['eval_start'] = evaluate(run, eval_fn, state.params)
+    except OSError as e:
+      raise data_fault(e, 'evaluation data, step 0') from e
     writer.write(0, summary['eval_start'], prefix='eval/')
     progress.print('eval step 0: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary['eval_start'].items()))
   batch_shardings = None
@@ -311,19 +346,22 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   consecutive_skips, skipped_total = 0, 0
   last_eval: dict = {}
   step = start_step
-  with stop:
+  with stop, _commit_saves_on_error(manager):
     while step < total_steps:
       try:
         batch = next(train_iterator)
       except StopIteration:
         progress.print(f'data exhausted after step {step} (data.num_epochs={cfg.data.num_epochs})')
         break
+      except (data.DataError, OSError) as e:  # Lazily read sources (prepared shards).
+        raise data_fault(e, f'training data, step {step + 1}') from e
       batch = sharding.shard_batch(batch, run.mesh, cfg.mesh.rules)
       if train_step is None:
         batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
         train_step = step_lib.jit_train_step(
             step_lib.make_train_step(run.model, tx, schedule, run.trainable, task=run.task,
-                                     z_loss=cfg.train.z_loss, grad_accum=cfg.optim.grad_accum),
+                                     z_loss=cfg.train.z_loss, grad_accum=cfg.optim.grad_accum,
+                                     nan_steps=tuple(cfg.train.debug_nan_steps)),
             shardings, batch_shardings)
       with sharding.activate(run.mesh, cfg.mesh.rules):
         state, step_metrics = train_step(state, batch)
@@ -332,27 +370,39 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
       step_metrics = jax.device_get(step_metrics)
       step += 1
       progress.add_tokens(int(step_metrics['tokens']))
+      stop_error = None
       if step_metrics['skipped']:
         consecutive_skips += 1
         skipped_total += 1
-        message = f'non-finite loss or gradient at step {step} (update skipped)'
-        if cfg.train.nan_policy == 'stop':
-          raise TrainingError(f'{message}; train.nan_policy=stop. The last good checkpoint is '
-                              f'kept in {checkpoint.checkpoint_dir(run.workdir)}')
+        message = (f"non-finite loss or gradient at step {step} (loss {step_metrics['loss']}, "
+                   f"grad_norm {step_metrics['grad_norm']}; params and optimizer state unchanged)")
+        kept = (f'the last good checkpoint (step {manager.latest_step()}) is kept in '
+                f'{checkpoint.checkpoint_dir(run.workdir)}' if manager.latest_step() is not None
+                else 'no checkpoint was saved before it')
         logging.warning(message)
-        if consecutive_skips >= cfg.train.max_consecutive_nan:
-          raise TrainingError(f'{consecutive_skips} consecutive non-finite steps (up to step '
-                              f'{step}; train.max_consecutive_nan={cfg.train.max_consecutive_nan})'
-                              f'; the last good checkpoint is kept')
+        if cfg.train.nan_policy == 'stop':
+          stop_error = TrainingError(f'{message}; train.nan_policy=stop: {kept}')
+        elif consecutive_skips >= cfg.train.max_consecutive_nan:
+          stop_error = TrainingError(
+              f'{consecutive_skips} consecutive non-finite steps (up to step {step}; '
+              f'train.max_consecutive_nan={cfg.train.max_consecutive_nan}); {kept}')
       else:
         consecutive_skips = 0
       step_metrics['skipped_total'] = skipped_total
-      if step % cfg.train.log_every == 0 or step == total_steps:
+      if step % cfg.train.log_every == 0 or step == total_steps or stop_error:
         step_metrics.update(progress.throughput(step))
         writer.write(step, step_metrics, prefix='train/')
         progress.print(progress.line(step, step_metrics))
+      if stop_error:  # Raised after the step's metrics are written: the record shows it.
+        raise stop_error
       if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
-        last_eval = evaluate(run, eval_fn, state.params)
+        try:
+          last_eval = evaluate(run, eval_fn, state.params)
+        except (data.DataError, OSError) as e:  # Validation data is re-read from its files.
+          # The step itself is good: keep it, so a run resumed after the fix loses nothing.
+          checkpoint.save(manager, step, state, data_iterator=train_iterator, cfg=cfg, force=True)
+          raise data_fault(e, f'evaluation data, step {step} (checkpoint step {step} saved; '
+                              f'fix the file and run again to resume)') from e
         writer.write(step, last_eval, prefix='eval/')
         progress.print(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in last_eval.items()))
       stop_now = stop.should_stop(step)
@@ -362,7 +412,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
         progress.print(f'stopping at step {step} on request; checkpoint saved')
         summary['preempted'] = True
         break
-  manager.wait_until_finished()
+  checkpoint.wait(manager)
   summary.update(step=step, skipped_steps=skipped_total, eval=last_eval,
                  checkpoint=str(checkpoint.checkpoint_dir(run.workdir) / str(manager.latest_step())))
   if step >= total_steps and not summary.get('preempted'):

@@ -89,8 +89,13 @@ def _microbatches(batch: dict, num: int) -> dict:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
                     trainable: list[str], *, task: str = 'lm', z_loss: float = 0.0,
-                    grad_accum: int = 1) -> Callable:
-  """Builds the pure train step for this model, optimizer and trainable set."""
+                    grad_accum: int = 1, nan_steps: tuple[int, ...] = ()) -> Callable:
+  """Builds the pure train step for this model, optimizer and trainable set.
+
+  nan_steps (train.debug_nan_steps) is a fault-injection hook for tests: at those steps
+  (1-based, as the loop reports them) the loss and gradients are multiplied by NaN inside the
+  jitted step, so the non-finite guard and the loop's NaN policy run for real.
+  """
   trainable = tuple(sorted(trainable))
 
   def loss_of_trainable(train_flat, frozen_flat, batch, weight, dropout_rng):
@@ -123,6 +128,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}
     rng, dropout_rng = jax.random.split(state.rng)
     grads, stats = gradients(train_flat, frozen_flat, batch, dropout_rng)
+    if nan_steps:
+      poison = jnp.where(jnp.isin(state.step + 1, jnp.asarray(nan_steps)), jnp.nan, 1.0)
+      grads = jax.tree.map(lambda g: g * poison, grads)
+      stats = {**stats, 'nll_sum': stats['nll_sum'] * poison}
     grad_norm = global_norm(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, train_flat)
     new_train = optax.apply_updates(train_flat, updates)
