@@ -71,6 +71,32 @@ def precheck(argv: list[str] | None = None) -> None:
     sys.exit(2)
 
 
+def flag_error_message(error: Exception) -> str:
+  """absl/config_flags' parse error as one line naming the config key."""
+  text = ' '.join(str(error).split())
+  match = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)$', text)
+  if match:
+    key, value, detail = match.groups()
+    return f'config key {key}: cannot use {value!r}: {detail}'
+  return text
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flags_parser: one line and exit 2 instead of 'FATAL Flags parsing error'."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {flag_error_message(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line_records(record) -> bool:
+  """Without --verbose, logged errors stay one line (e.g. Orbax's failed background save)."""
+  record.exc_info = record.exc_text = record.stack_info = None
+  return True
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
   """absl.app.run(main) with one-line errors for user mistakes."""
   from absl import app
@@ -84,6 +110,7 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
       # Orbax and JAX log every save at INFO; a person wants the progress lines.
       from absl import logging
       logging.set_verbosity(logging.WARNING)
+      logging.get_absl_handler().addFilter(_one_line_records)
     try:
       main(args)
     except user_error_types() as e:
@@ -93,7 +120,7 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
       sys.exit(2)
 
   try:
-    app.run(guarded, argv=argv)
+    app.run(guarded, argv=argv, flags_parser=_parse_flags)
   except SystemExit:
     raise
   except Exception as e:  # Errors raised by flag parsing (bad override value types).
