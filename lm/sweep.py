@@ -126,6 +126,7 @@ class Stage:
   samples: int = 0
   seed: int = 0
   evals: dict = dataclasses.field(default_factory=dict)
+  metrics: dict = dataclasses.field(default_factory=dict)  # Sweep.metrics overrides; None blanks.
 
 
 @dataclasses.dataclass
@@ -143,6 +144,7 @@ class Plot:
   """metric(s) `y` against `x` (an axis or a metric column), one line per value of `lines`.
 
   references: {y: metric} draws that metric's mean (e.g. before fine-tuning) as a dashed line.
+  labels: {column: text} for axis titles, legend entries and references.
   """
   x: str
   y: str | tuple
@@ -153,6 +155,7 @@ class Plot:
   logx: bool | None = None  # None: log scale when positive values span 20x or more.
   xlabel: str = ''
   references: dict = dataclasses.field(default_factory=dict)
+  labels: dict = dataclasses.field(default_factory=dict)
 
 
 DEFAULT_METRICS = {'train_loss': 'final.train/loss', 'eval_loss': 'final.eval/loss'}
@@ -163,7 +166,8 @@ class Sweep:
   """Stages in order, the metric columns to collect, and extra tables / plots.
 
   metrics: {column: source or (sources, first present wins)}. A source is a path into a
-  trial's done.json: final.<metrics.jsonl key> (last value), report.<...> (finetune_report
+  trial's done.json: final.<metrics.jsonl key> (last value), min.<key> / max.<key> (over the
+  run, e.g. min.eval/loss: the early-stopping loss), report.<...> (finetune_report
   .json, e.g. report.after.general_loss), evals.<name>.<key> (Stage.evals), data.train_tokens
   (tokens in the trial's training split), wall_s, steps.
   tables / plots: extra pivot tables (results.md) and figures, besides loss_curves.png and
@@ -537,6 +541,14 @@ def read_metrics(workdir: str) -> dict[str, dict[int, float]]:
   return out
 
 
+def summarize_metrics(workdir: str) -> dict:
+  """{'final': last value, 'min': smallest, 'max': largest} of every metrics.jsonl key."""
+  metrics = {k: v for k, v in read_metrics(workdir).items() if v}
+  return {'final': {k: v[max(v)] for k, v in metrics.items()},
+          'min': {k: min(v.values()) for k, v in metrics.items()},
+          'max': {k: max(v.values()) for k, v in metrics.items()}}
+
+
 _TOKENS_CACHE: dict[str, int] = {}
 
 
@@ -556,11 +568,10 @@ def train_tokens(trial: Trial) -> int:
 
 def collect(trial: Trial, metric_sources: Sequence[str], wall_s: float | None) -> dict:
   """The done.json record of a finished trial."""
-  final = {k: v[max(v)] for k, v in read_metrics(trial.workdir).items() if v}
   record = {'trial': trial.name, 'stage': trial.stage, 'values': trial.values,
             'script': trial.script, 'config': trial.config, 'overrides': trial.overrides,
             'command': trial.shell_command(), 'steps': trial.steps, 'wall_s': wall_s,
-            'final': final}
+            **summarize_metrics(trial.workdir)}
   report = _read_json(os.path.join(trial.workdir, 'finetune_report.json'))
   if report:
     record['report'] = {k: v for k, v in report.items() if k != 'parameters'}
@@ -577,7 +588,7 @@ def lookup(record: dict, source: str):
   node = record.get(head)
   if not rest:
     return node
-  if head == 'final':
+  if head in ('final', 'min', 'max'):  # metrics.jsonl keys hold '/', never '.'.
     return node.get(rest) if isinstance(node, dict) else None
   for part in rest.split('.'):
     if not isinstance(node, dict) or part not in node:
@@ -587,7 +598,7 @@ def lookup(record: dict, source: str):
 
 
 def metric_value(record: dict | None, sources) -> Any:
-  if record is None:
+  if record is None or not sources:
     return None
   for source in (sources,) if isinstance(sources, str) else sources:
     value = lookup(record, source)
@@ -596,8 +607,17 @@ def metric_value(record: dict | None, sources) -> Any:
   return None
 
 
+def stage_metrics(sweep: Sweep, stage_name: str) -> dict:
+  """{column: sources} of one stage: the sweep's metrics with the stage's overrides."""
+  for stage in sweep.stages:
+    if stage.name == stage_name:
+      return {**sweep.metrics, **stage.metrics}
+  return dict(sweep.metrics)
+
+
 def all_sources(sweep: Sweep) -> list[str]:
-  return [s for v in sweep.metrics.values() for s in ((v,) if isinstance(v, str) else v)]
+  specs = list(sweep.metrics.values()) + [v for st in sweep.stages for v in st.metrics.values()]
+  return [s for v in specs if v for s in ((v,) if isinstance(v, str) else v)]
 
 
 # --------------------------------------------------------------------------- running
@@ -632,11 +652,48 @@ class _Running:
     self._log.flush()
     self.proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=self._log,
                                  stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    path = os.path.join(self.trial.workdir, TRIAL_FILE)
+    _write_json(path, {**(_read_json(path) or {}), 'pid': self.proc.pid})
     return True
 
   def close(self):
     if self._log is not None:
       self._log.close()
+
+
+def _alive(pid, needle: str) -> bool:
+  """Process `pid` exists and its command line contains `needle` (Linux /proc; else False)."""
+  try:
+    with open(f'/proc/{int(pid)}/cmdline', 'rb') as f:
+      return needle in f.read().decode('utf-8', 'replace')
+  except (OSError, TypeError, ValueError):
+    return False
+
+
+class SweepLock:
+  """<workdir>/sweep.lock: one lm.sweep process at a time per sweep directory."""
+
+  def __init__(self, sweep_dir: str):
+    self.path = os.path.join(sweep_dir, 'sweep.lock')
+
+  def __enter__(self):
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    try:
+      with open(self.path) as f:
+        pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+      pid = 0
+    if pid and pid != os.getpid() and _alive(pid, 'lm.sweep'):
+      raise ConfigError(f'another lm.sweep (pid {pid}) is running in {os.path.dirname(self.path)}')
+    with open(self.path, 'w') as f:
+      f.write(str(os.getpid()))
+    return self
+
+  def __exit__(self, *exc):
+    try:
+      os.unlink(self.path)
+    except OSError:
+      pass
 
 
 def log_tail(trial: Trial, lines: int = 6) -> str:
@@ -748,6 +805,11 @@ class Runner:
     os.makedirs(trial.workdir, exist_ok=True)
     state = status(trial)
     saved = _read_json(os.path.join(trial.workdir, TRIAL_FILE)) or {}
+    if _alive(saved.get('pid'), trial.workdir):
+      # A sweep killed outright (SIGKILL): its trial got SIGTERM and may still be saving.
+      self.say(f'[{trial.name}] waiting for the previous run (pid {saved["pid"]}) to exit')
+      while _alive(saved.get('pid'), trial.workdir):
+        time.sleep(0.5)
     _write_json(os.path.join(trial.workdir, TRIAL_FILE),
                 {'trial': trial.name, 'script': trial.script, 'config': trial.config,
                  'overrides': trial.overrides, 'values': trial.values,
@@ -779,7 +841,7 @@ class Runner:
       total = sum(run['wall_s'] for run in saved['runs'])
       record = self.finish(trial, total)
       shown = ', '.join(f'{k} {_fmt(metric_value(record, s))}'
-                        for k, s in self.sweep.metrics.items()
+                        for k, s in stage_metrics(self.sweep, trial.stage).items()
                         if _is_number(metric_value(record, s)))
       self.say(f'[{trial.name}] done in {_fmt_seconds(wall)}: {shown}')
     elif self.stop_requested:
@@ -859,13 +921,23 @@ def result_rows(sweep: Sweep, trials: list[Trial]) -> tuple[list[str], list[dict
   rows = []
   for t in trials:
     record = _read_json(os.path.join(t.workdir, DONE))
+    if record is not None and 'min' not in record:  # Written by an older lm.sweep.
+      record.update(summarize_metrics(t.workdir))
     row = {'stage': t.stage, 'trial': t.name, 'status': status(t)}
     row.update({a: t.values.get(a) for a in axes})
-    row.update({m: metric_value(record, s) for m, s in sweep.metrics.items()})
+    sources = stage_metrics(sweep, t.stage)
+    row.update({m: metric_value(record, sources.get(m)) for m in all_columns(sweep)})
     row['wall_s'] = record.get('wall_s') if record else None
     row['workdir'] = t.workdir
     rows.append(row)
   return axes, rows
+
+
+def all_columns(sweep: Sweep) -> list[str]:
+  columns = list(sweep.metrics)
+  for stage in sweep.stages:
+    columns += [c for c in stage.metrics if c not in columns]
+  return columns
 
 
 def write_csv(path: str, columns: list[str], rows: list[dict]) -> None:
@@ -913,33 +985,47 @@ def _plt():
   return plt
 
 
-def plot_loss_curves(trials: list[Trial], path: str) -> dict:
-  """train/loss (lines) and eval/loss (dots) against step, one subplot per stage."""
+def plot_loss_curves(trials: list[Trial], path: str, max_lines: int = 6) -> dict:
+  """train/loss (lines) and eval/loss (dots) against step: one panel per stage, or one per
+  trial for a stage of more than `max_lines` trials."""
   plt = _plt()
-  stages = list(dict.fromkeys(t.stage for t in trials))
-  fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.2), squeeze=False)
+  panels: list[tuple[str, list[Trial]]] = []
+  for stage in dict.fromkeys(t.stage for t in trials):
+    members = [t for t in trials if t.stage == stage]
+    if len(members) <= max_lines:
+      panels.append((stage, members))
+    else:
+      panels += [(t.name, [t]) for t in members]
+  ncols = min(4, len(panels))
+  nrows = math.ceil(len(panels) / ncols)
+  wide = ncols == 1 or len(panels) < 4
+  fig, axes = plt.subplots(nrows, ncols, figsize=((6 if wide else 3.6) * ncols, 3.2 * nrows + 0.4),
+                           squeeze=False)
   series = {}
-  for ax, stage in zip(axes[0], stages):
-    for i, t in enumerate(x for x in trials if x.stage == stage):
+  for ax, (title, members) in zip(axes.flat, panels):
+    for i, t in enumerate(members):
       m = read_metrics(t.workdir)
       color = f'C{i % 10}'
-      label = t.name.split('/', 1)[-1]
       entry = {}
       for key, style in (('train/loss', '-'), ('eval/loss', 'o--')):
         points = sorted(m.get(key, {}).items())
         if points:
           ax.plot([s for s, _ in points], [v for _, v in points], style, color=color,
                   lw=1.2 if style == '-' else 0.8, ms=3,
-                  label=label if key == 'train/loss' else None)
+                  label=t.name.split('/', 1)[-1] if key == 'train/loss' else None)
           entry[key] = {'steps': [s for s, _ in points], 'values': [v for _, v in points]}
       if entry:
         series[t.name] = entry
-    ax.set_title(f'{stage}: train loss (lines), eval loss (dots)', fontsize=10)
-    ax.set_xlabel('step')
-    ax.set_ylabel('loss')
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel('step', fontsize=8)
+    ax.set_ylabel('loss', fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    if ax.lines:
-      ax.legend(fontsize=7, ncol=1 + len(ax.lines) // 12)
+    if len(members) > 1 and ax.lines:
+      ax.legend(fontsize=7)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.axis('off')
+  fig.suptitle('train loss (lines) and validation loss (dots)', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -982,18 +1068,18 @@ def plot_metric(rows: list[dict], plot: Plot, path: str) -> dict:
       values = [r[ref] for r in rows if _is_number(r.get(ref))]
       if values:
         level = sum(values) / len(values)
-        ax.axhline(level, color='gray', ls='--', lw=1, label=ref)
+        ax.axhline(level, color='gray', ls='--', lw=1, label=plot.labels.get(ref, ref))
         lines[f'reference:{ref}'] = {'y': level}
     if categorical:
       ax.set_xticks(range(len(categories)), [str(c) for c in categories])
     elif _use_log(xs_all, plot.logx):
       ax.set_xscale('log')
-    ax.set_xlabel(plot.xlabel or plot.x)
-    ax.set_ylabel(y)
+    ax.set_xlabel(plot.xlabel or plot.labels.get(plot.x, plot.x))
+    ax.set_ylabel(plot.labels.get(y, y))
     ax.grid(alpha=0.3)
     if lines:
       ax.legend(fontsize=8, title=None if plot.lines.startswith('_') else plot.lines or None)
-    ax.set_title(plot.title or f'{y} vs {plot.x}', fontsize=10)
+    ax.set_title(plot.title or f'{plot.labels.get(y, y)}', fontsize=10)
     out[y] = lines
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -1006,7 +1092,7 @@ def aggregate(sweep: Sweep, trials: list[Trial], sweep_dir: str) -> dict:
   sweep_dir = os.path.abspath(sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   axes, rows = result_rows(sweep, trials)
-  metrics = list(sweep.metrics)
+  metrics = all_columns(sweep)
   columns = ['stage', 'trial', 'status'] + axes + metrics + ['wall_s', 'workdir']
   write_csv(os.path.join(sweep_dir, 'results.csv'), columns, rows)
 
@@ -1141,9 +1227,10 @@ def main(argv: list[str] | None = None) -> int:
       return 0
     print(f'sweep {sweep.name}: {len(trials)} trials in {len(sweep.stages)} stage(s) -> '
           f'{workdir}', flush=True)
-    runner = Runner(sweep, trials, workdir, parallel=args.parallel)
-    rc = runner.run()
-    aggregate(sweep, trials, workdir)
+    with SweepLock(workdir):
+      runner = Runner(sweep, trials, workdir, parallel=args.parallel)
+      rc = runner.run()
+      aggregate(sweep, trials, workdir)
     print(f'sweep: results in {workdir}/results.csv, results.md and *.png', flush=True)
     return rc
   except ConfigError as e:

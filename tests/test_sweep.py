@@ -210,7 +210,7 @@ def test_2x2_sweep_stopped_midway_then_rerun_finishes_only_what_was_left(tmp_pat
   done_mtime = os.path.getmtime(dirs[0] / 'done.json')
 
   # Second run: skips the finished trial, resumes the stopped one, runs the other two.
-  rerun = subprocess.run(command + ['--parallel=2'], capture_output=True, text=True,
+  rerun = subprocess.run(command + ['--parallel=3'], capture_output=True, text=True,
                          env=sweep_env(), cwd=ROOT, timeout=240)
   out = rerun.stdout + rerun.stderr
   assert rerun.returncode == 0, out

@@ -18,7 +18,7 @@ report, from-scratch trials by the sweep's eval helper.
   python -m lm.sweep --sweep=configs/sweeps/transfer.py:large --workdir=gs://.../transfer
 
 Scales (`--sweep=...transfer.py:<scale>`): 'cpu' (default, ~0.9M-parameter model), 'smoke'
-(a few steps, checks the plumbing) and 'large' (a ~40M-parameter model for one accelerator).
+(a few steps, checks the plumbing) and 'large' (a ~30M-parameter model for one accelerator).
 --config.KEY=VALUE on the lm.sweep command line sets a key for every trial (e.g. the mesh).
 """
 
@@ -55,7 +55,10 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
                  'data.builtin_subset': 'general', 'optim.lr': 2e-3, 'optim.warmup_steps': 30,
                  'train.steps': s['pretrain_steps'],
                  'train.eval_every': max(s['pretrain_steps'] // 4, 1),
-                 'train.checkpoint_every': max(s['pretrain_steps'] // 4, 1)})
+                 'train.checkpoint_every': max(s['pretrain_steps'] // 4, 1)},
+      # Its own evaluations are on the general corpus; its domain loss is every fine-tuning
+      # trial's domain_loss_before.
+      metrics={'general_loss': 'final.eval/loss', 'domain_loss_best': None})
   finetune = {'finetune.restore_from': '{sweep}/pretrain', 'finetune.general_eval': True,
               'optim.warmup_steps': 10, 'optim.weight_decay': 0.0}
   lower_half = '|'.join(str(i) for i in range(n_layers // 2))
@@ -87,14 +90,17 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
       metrics={
           'domain_loss': ('report.after.domain_loss', 'evals.domain.loss'),
           'general_loss': ('report.after.general_loss', 'evals.general.loss'),
+          'domain_loss_best': 'min.eval/loss',  # Best of the evaluations during the run.
           'domain_loss_before': 'report.before.domain_loss',
           'general_loss_before': 'report.before.general_loss',
           'train_tokens': 'data.train_tokens',
-          'eval_loss': 'final.eval/loss',
       },
       tables=[
           Table(rows='recipe', cols='data.train_fraction', value='domain_loss', stage='domain',
                 title='Domain (email) validation loss, by recipe x share of the domain data'),
+          Table(rows='recipe', cols='data.train_fraction', value='domain_loss_best',
+                stage='domain', title='Domain validation loss, best of the evaluations during '
+                'the run (early stopping)'),
           Table(rows='recipe', cols='data.train_fraction', value='general_loss', stage='domain',
                 title='General-corpus validation loss after training on the domain (forgetting)'),
           Table(rows='recipe', cols='data.train_fraction', value='train_tokens', stage='domain',
@@ -105,5 +111,9 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
                   stage='domain', file='transfer.png', xlabel='domain training tokens',
                   logx=True, title='',
                   references={'domain_loss': 'domain_loss_before',
-                              'general_loss': 'general_loss_before'})],
+                              'general_loss': 'general_loss_before'},
+                  labels={'domain_loss': 'domain (email) validation loss',
+                          'general_loss': 'general-corpus validation loss',
+                          'domain_loss_before': 'pre-trained, no domain data',
+                          'general_loss_before': 'pre-trained, before fine-tuning'})],
   )
