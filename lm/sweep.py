@@ -416,9 +416,13 @@ def make_trials(sweep: Sweep, sweep_dir: str, extra: dict | None = None) -> list
     for key, values in itertools.chain(stage.grid.items(), stage.zip.items()):
       if isinstance(values, dict):
         for label, bundle in values.items():
-          for k in (bundle if isinstance(bundle, dict) else {}):
+          bundle = bundle if isinstance(bundle, dict) else {}
+          for k in bundle:
             if k not in RESERVED:
               check_key(k, f'{where}, {key}={label}')
+          for name, overrides in (bundle.get('evals') or {}).items():
+            for k in overrides:
+              check_key(k, f'{where}, {key}={label}, evals {name!r}')
       else:
         check_key(key, where)
     for key in stage.random:

@@ -110,6 +110,7 @@ def test_trials_carry_stage_overrides_placeholders_and_commands(tmp_path):
     (dict(overrides={'trian.steps': 3}), "unknown config key 'trian'"),
     (dict(grid={'recipe': {'x': {'finetune.lora_rnak': 4}}}), "'finetune.lora_rnak'"),
     (dict(evals={'general': {'data.subset': 'general'}}), "'data.subset'"),
+    (dict(grid={'recipe': {'x': {'evals': {'g': {'data.subst': 1}}}}}), "'data.subst'"),
     (dict(overrides={'train.steps': 'ten'}), 'config key train.steps'),
     (dict(grid={'train.steps': [5, 0]}), 'config key train.steps: must be > 0'),
 ])
