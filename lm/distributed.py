@@ -5,14 +5,15 @@ finetune.py) starts jax.distributed when the run is multi-process:
 
   explicit flags    --coordinator=HOST:PORT --num_processes=N --process_id=I  (any cluster, and
                     local tests; a flag left out is taken from the environment if JAX finds it);
-  Cloud TPU VM      a multi-host slice (TPU_WORKER_HOSTNAMES lists more than one host): JAX
-                    reads everything from the TPU metadata;
+  Cloud TPU VM      TPU chips attached (or TPU_WORKER_HOSTNAMES / MEGASCALE_* set, as on GKE):
+                    JAX reads the slice's hosts from the TPU metadata;
   Slurm             srun with more than one task (SLURM_NTASKS > 1): coordinator = first node of
                     the step, process id = SLURM_PROCID, local GPUs from SLURM_LOCALID;
   Open MPI          mpirun with more than one rank (OMPI_COMM_WORLD_SIZE > 1);
   anything else     JAX_COORDINATOR_ADDRESS (+ --num_processes / --process_id) in the environment.
 
-One process (a single host, or srun with one task driving all local GPUs) does nothing.
+Elsewhere one process (a single host, or srun with one task driving all local GPUs) does
+nothing.
 
 After start-up, process 0 alone writes the console progress, metrics.jsonl and TensorBoard
 (lm.metrics), and other processes log warnings only. Every process takes part in each
@@ -34,11 +35,27 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (multi-process).')
 
 
+def _tpu_chips_attached() -> bool:
+  """Whether this host has Cloud TPU chips (read from PCI ids; the backend stays untouched)."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms and 'tpu' not in platforms:
+    return False
+  try:
+    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+  except (ImportError, AttributeError, OSError):
+    return False
+
+
 def detected_cluster() -> str | None:
-  """The multi-process environment JAX can configure itself from, or None."""
+  """The multi-process environment JAX can configure itself from, or None.
+
+  On a Cloud TPU VM this is always 'tpu': jax.distributed.initialize() reads the slice's
+  hosts from the TPU metadata (one host is a job of one process), as recommended for TPU VMs.
+  """
   env = os.environ
   hosts = [h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
-  if len(hosts) > 1 or 'MEGASCALE_COORDINATOR_ADDRESS' in env:
+  if len(hosts) > 1 or 'MEGASCALE_COORDINATOR_ADDRESS' in env or _tpu_chips_attached():
     return 'tpu'
   if 'SLURM_JOB_ID' in env and int(env.get('SLURM_NTASKS', '1') or 1) > 1:
     return 'slurm'
