@@ -157,11 +157,12 @@ def summary_losses(summary):
 
 @pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                                     + glob.glob(os.path.join(ROOT, 'configs', '*', '*.py'))))
-def test_every_shipped_config_loads_and_validates(path):
-  cfg = load_config_file(path)
-  if 'sweep' in cfg:  # A sweep file: its base config is what must validate.
+def test_every_shipped_config_loads_and_validates(path, tmp_path):
+  if os.sep + 'sweeps' + os.sep in path:  # A sweep: every trial's config must validate.
+    from lm import sweep
+    assert sweep.make_trials(sweep.load_sweep(path), str(tmp_path))
     return
-  config.validate(cfg)
+  config.validate(load_config_file(path))
 
 
 def run_train_cli(*args, timeout=120):
