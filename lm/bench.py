@@ -20,8 +20,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from lm import cli
+
+if __name__ == '__main__':
+  cli.precheck()  # Unknown keys / missing config file: one line, before the flags parse them.
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from lm import config as config_lib
 from lm import model as model_lib
@@ -34,6 +39,7 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Memory plan only: nothing is all
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Dry run: plan for this many devices '
                                 '(default: the local ones).')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors.')
 
 def random_batch(cfg, rows: int) -> dict:
   rng = np.random.default_rng(0)
@@ -123,4 +129,4 @@ if __name__ == '__main__':
   # absl spells flags with underscores; accept the documented --dry-run as well.
   sys.argv = ['--dry_run' + a[len('--dry-run'):] if a.startswith('--dry-run') else a
               for a in sys.argv]
-  app.run(main)
+  cli.run(main)
