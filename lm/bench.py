@@ -83,7 +83,7 @@ def run_benchmark(cfg) -> dict:
       times = []
       for _ in range(_STEPS.value):
         t0 = time.perf_counter()
-        state, metrics = jax.block_until_ready(compiled(state, batch))
+        state, step_metrics = jax.block_until_ready(compiled(state, batch))
         times.append(time.perf_counter() - t0)
       medians.append(statistics.median(times))
   step_s = statistics.median(medians)
@@ -98,7 +98,7 @@ def run_benchmark(cfg) -> dict:
       'step_ms': round(1e3 * step_s, 2), 'step_ms_per_repeat': [round(1e3 * m, 2) for m in medians],
       'tokens_per_s': round(tokens / step_s), 'model_tflops': round(flops / step_s / 1e12, 4),
       'peak_tflops': round(peak_total / 1e12, 4), 'peak_source': peak_source,
-      'mfu': round(flops / step_s / peak_total, 4), 'loss': float(metrics['loss']),
+      'mfu': round(flops / step_s / peak_total, 4), 'loss': float(step_metrics['loss']),
       'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
   }
   if memory is not None:
