@@ -97,6 +97,18 @@ def _one_line_records(record) -> bool:
   return True
 
 
+def define_run_flags(default_config: str):
+  """The flags train.py and finetune.py share: --config (+ overrides), --workdir, --verbose."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file('config', default_config,
+                                           'Config file (configs/*.py).')
+  workdir = flags.DEFINE_string('workdir', '', 'Run directory (default: runs/<config name>).')
+  flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors.')
+  return config, workdir
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
   """absl.app.run(main) with one-line errors for user mistakes."""
   from absl import app
