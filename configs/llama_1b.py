@@ -15,8 +15,9 @@ def get_config():
   c.tokenizer.vocab_size = 32_768
   c.data.seq_len = 2048
   c.data.batch_size = 512  # 1M tokens per step.
-  # 4 micro-batches keep activations near 10 GiB/chip on 32 chips (python -m lm.bench --dry-run).
-  c.optim.update(lr=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1, grad_accum=4)
+  # On 32 chips with 32 GB (v4) add --config.optim.grad_accum=4: activations then fit in about
+  # 10 GiB/chip (python -m lm.bench --config=configs/llama_1b.py --dry-run --devices=32).
+  c.optim.update(lr=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1)
   c.train.update(steps=50_000, eval_every=1000, eval_batches=16, log_every=50,
                  checkpoint_every=1000, keep=3, keep_period=10_000)
   c.mesh.update(data=1, fsdp=-1, tensor=1)
