@@ -76,6 +76,7 @@ def model_config() -> ConfigDict:
   m.sliding_window = 0  # 0 disables; else local layers attend to the last `sliding_window` tokens.
   m.global_every = 0  # With a window: layer i is global iff (i + 1) % global_every == 0; 0 = all local.
   m.attn_scale = 0.0  # 0 means 1/sqrt(head_dim); Gemma uses query_pre_attn_scalar ** -0.5.
+  m.attn_query_chunk = 64  # Attend in query blocks of this size, skipping causally masked keys; 0 = one block.
   m.init_std = 0.02
   m.dtype = 'float32'  # Compute dtype of matmuls ('bfloat16' on accelerators).
   m.param_dtype = 'float32'
@@ -263,6 +264,7 @@ def validate_model(m: ConfigDict, prefix: str = 'model.') -> None:
     _require(m[key] in ('float32', 'bfloat16', 'float16'), f'{prefix}{key}',
              f"must be 'float32', 'bfloat16' or 'float16', got {m[key]!r}")
   _require(m.sliding_window >= 0, f'{prefix}sliding_window', 'must be >= 0')
+  _require(m.attn_query_chunk >= 0, f'{prefix}attn_query_chunk', 'must be >= 0 (0 = one block)')
 
 
 def validate_mesh(mesh: ConfigDict, num_devices: int | None = None) -> None:

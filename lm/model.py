@@ -111,6 +111,20 @@ class Linear(nn.Module):
     path = re.sub(r'^layers/', 'layers_0/', path) if path.startswith('layers/') else path
     return any(re.fullmatch(t, path) for t in self.lora_targets)
 
+  def _flat_matmul(self, x: Array, kernel: Array) -> Array:
+    """x [..., *in_shape] @ kernel as one 2-D [tokens, in] x [in, out] matmul.
+
+    The same contraction as an einsum, but XLA:CPU lays out the backward pass of a
+    multi-dimensional einsum with transposed gradients that it then writes element by element
+    (measured: the SwiGLU MLP's fwd+bwd 1.5x slower); the 2-D form keeps every operand row-major.
+    On accelerators the reshapes are free.
+    """
+    lead = x.shape[:x.ndim - len(self.in_shape)]
+    x_NI = x.reshape(-1, math.prod(self.in_shape)).astype(self.dtype)
+    kernel_IO = kernel.reshape(math.prod(self.in_shape), -1).astype(self.dtype)
+    y_NO = jnp.matmul(x_NI, kernel_IO, preferred_element_type=self.preferred_element_type)
+    return y_NO.reshape(lead + self.out_shape)
+
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     n_in = len(self.in_shape)
@@ -121,9 +135,7 @@ class Linear(nn.Module):
         self.in_shape + self.out_shape, self.param_dtype)
     in_letters = 'abcd'[:n_in]
     out_letters = 'wxyz'[:len(self.out_shape)]
-    spec = f'...{in_letters},{in_letters}{out_letters}->...{out_letters}'
-    y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=self.preferred_element_type)
+    y = self._flat_matmul(x, kernel)
     if self._lora_enabled():
       a = self.param('lora_a',
                      nn.with_logical_partitioning(
@@ -180,6 +192,42 @@ def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,
   allowed &= k_segment_BS[:, None, None, :] != 0
   in_window = (q_idx - k_idx) < window
   return allowed & ((window <= 0) | in_window)
+
+
+def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1TS: Array, *,
+                          softcap: float = 0.0, query_chunk: int = 0) -> Array:
+  """Masked softmax attention for (grouped) heads; q is already scaled. Returns [B, T, H, D].
+
+  Queries are taken `query_chunk` at a time (when T == S and the chunk divides T) and each
+  chunk only meets the keys up to its own end: the causal mask makes the rest zero, so
+  skipping them saves ~(1 - 1/chunks)/2 of the work and the small blocks stay in cache
+  (fwd+bwd at T=256: 64 ms dense, 25 ms in 4 chunks on the 2-core CPU). The softmax is
+  normalised after the PV matmul, on [T, D] instead of [T, S]; the max is a constant shift.
+  Scores, softmax and the normaliser are float32.
+  """
+  B, T, H, Dh = q_BTHD.shape
+  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+  G = H // K
+  q_BKGTD = q_BTHD.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4)
+  k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+  chunk = query_chunk if query_chunk and T == S and T % query_chunk == 0 else T
+  out_chunks = []
+  for start in range(0, T, chunk):
+    # With chunking, keys after this chunk's last query are causally masked: leave them out.
+    end = start + chunk if chunk < T else S
+    scores_BKGTS = jnp.einsum('bkgtd,bksd->bkgts', q_BKGTD[:, :, :, start:start + chunk],
+                              k_BKSD[:, :, :end], preferred_element_type=jnp.float32)
+    if softcap:
+      scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
+    mask_B11TS = mask_B1TS[:, :, None, start:start + chunk, :end]
+    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, NEG_INF)
+    shift_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
+    weights_BKGTS = jnp.exp(scores_BKGTS - shift_BKGT1)
+    out_BKGTD = jnp.einsum('bkgts,bksd->bkgtd', weights_BKGTS.astype(v_BKSD.dtype),
+                           v_BKSD[:, :, :end], preferred_element_type=jnp.float32)
+    out_chunks.append(out_BKGTD / jnp.sum(weights_BKGTS, axis=-1, keepdims=True))
+  out_BKGTD = jnp.concatenate(out_chunks, axis=3) if len(out_chunks) > 1 else out_chunks[0]
+  return out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh).astype(q_BTHD.dtype)
 
 
 class Embed(nn.Module):
@@ -264,16 +312,9 @@ class Attention(nn.Module):
     mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
 
     scale = m.attn_scale or Dh ** -0.5
-    G = H // K
-    q_BTKGD = (q_BTHD * jnp.asarray(scale, q_BTHD.dtype)).reshape(B, T, K, G, Dh)
-    scores_BKGTS = jnp.einsum('btkgd,bskd->bkgts', q_BTKGD, k_BTKD,
-                              preferred_element_type=jnp.float32)
-    if m.attn_logit_softcap:
-      scores_BKGTS = m.attn_logit_softcap * jnp.tanh(scores_BKGTS / m.attn_logit_softcap)
-    scores_BKGTS = jnp.where(mask_B1TS[:, :, None], scores_BKGTS, NEG_INF)
-    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BTKD.dtype)
-    out_BTKGD = jnp.einsum('bkgts,bskd->btkgd', probs_BKGTS, v_BTKD)
-    out_BTHD = out_BTKGD.reshape(B, T, H, Dh)
+    out_BTHD = dot_product_attention(
+        q_BTHD * jnp.asarray(scale, q_BTHD.dtype), k_BTKD, v_BTKD, mask_B1TS,
+        softcap=m.attn_logit_softcap, query_chunk=0 if decode else m.attn_query_chunk)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('act_batch', 'act_length', 'act_heads', None))
     return self._linear('o', (H, Dh), (D,), ('heads', 'head_dim'), ('embed',))(out_BTHD, deterministic)
 

@@ -11,7 +11,9 @@ from lm import config, model as model_lib, optim, sharding, step
 
 def tiny_model_cfg(**overrides):
   m = config.model_config()
-  m.update(dict(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, mlp_dim=128))
+  # Query chunks of 8 on 16-token rows: every test below also runs the chunked attention path.
+  m.update(dict(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, mlp_dim=128,
+                attn_query_chunk=8))
   m.update(overrides)
   return m
 
@@ -145,6 +147,22 @@ GEMMA_LIKE = dict(norm_plus_one=True, post_attn_norm=True, post_mlp_norm=True, q
 
 
 @pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE], ids=['llama', 'gemma'])
+@pytest.mark.parametrize('chunk', [4, 8])
+def test_chunked_attention_equals_one_block(overrides, chunk):
+  """Skipping causally masked key blocks changes nothing: same loss and gradients."""
+  batch = random_batch(docs_per_row=2)
+  one_block = model_lib.build_model(tiny_model_cfg(attn_query_chunk=0, **overrides))
+  params = host_params(one_block)
+  ref_loss, ref_grads = loss_and_grads(one_block, params, batch)
+  chunked = model_lib.build_model(tiny_model_cfg(attn_query_chunk=chunk, **overrides))
+  loss, grads = loss_and_grads(chunked, params, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for path, g in model_lib.flatten_params(grads).items():
+    np.testing.assert_allclose(g, model_lib.flatten_params(ref_grads)[path], rtol=1e-5,
+                               atol=1e-7, err_msg=path)
+
+
+@pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE], ids=['llama', 'gemma'])
 def test_changing_a_token_changes_no_earlier_logit(overrides):
   model = model_lib.build_model(tiny_model_cfg(**overrides))
   params = host_params(model)
@@ -245,6 +263,7 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 @pytest.mark.parametrize('overrides, key', [
+    (dict(attn_query_chunk=-1), 'model.attn_query_chunk'),
     (dict(n_heads=5), 'model.n_heads'),
     (dict(n_kv_heads=3), 'model.n_kv_heads'),
     (dict(remat='sometimes'), 'model.remat'),
