@@ -1,6 +1,7 @@
 """Benchmarks: train-step speed and MFU, and a no-allocation memory plan (--dry-run).
 
   python -m lm.bench --config=configs/bench_cpu.py            # step time, tokens/s, MFU
+  python -m lm.bench --config=configs/bench_cpu.py --torch    # ... and the PyTorch yardstick
   python -m lm.bench --config=configs/llama_1b.py --dry-run --devices=32
 
 MFU is model FLOPs (lm.step.flops_per_token) per second over the peak: on CPU the peak is
@@ -39,6 +40,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Memory plan only: nothing is all
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Dry run: plan for this many devices '
                                 '(default: the local ones).')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+_TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model written plainly in PyTorch '
+                           '(lm/torch_reference.py) and report the speed ratio.')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors.')
 
 def random_batch(cfg, rows: int) -> dict:
@@ -89,8 +92,7 @@ def run_benchmark(cfg) -> dict:
   step_s = statistics.median(medians)
   tokens = cfg.data.batch_size * cfg.data.seq_len
   flops = step.flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-  peak, peak_source = metrics.device_peak_flops(cfg)
-  peak_total = peak * jax.device_count()
+  peak_total, peak_source = metrics.total_peak_flops(cfg)
   memory = compiled.memory_analysis()
   result = {
       'config': cfg.name, 'params': model_lib.count_params(state.params),
@@ -104,6 +106,15 @@ def run_benchmark(cfg) -> dict:
   if memory is not None:
     result['compiled_temp_mb'] = round(memory.temp_size_in_bytes / 2**20, 1)
     result['compiled_args_mb'] = round(memory.argument_size_in_bytes / 2**20, 1)
+  if _TORCH.value:
+    from lm import torch_reference
+    ref = torch_reference.benchmark(cfg, _STEPS.value, _REPEATS.value)
+    result.update({
+        'torch_step_ms': round(1e3 * ref['step_s'], 2), 'torch_threads': ref['threads'],
+        'torch_mfu': round(flops / ref['step_s'] / peak_total, 4),
+        # > 1: this codebase's step is faster than the plain PyTorch one.
+        'speed_vs_torch': round(ref['step_s'] / step_s, 3),
+    })
   return result
 
 

@@ -76,7 +76,7 @@ def model_config() -> ConfigDict:
   m.sliding_window = 0  # 0 disables; else local layers attend to the last `sliding_window` tokens.
   m.global_every = 0  # With a window: layer i is global iff (i + 1) % global_every == 0; 0 = all local.
   m.attn_scale = 0.0  # 0 means 1/sqrt(head_dim); Gemma uses query_pre_attn_scalar ** -0.5.
-  m.attn_query_chunk = 64  # Attend in query blocks of this size, skipping causally masked keys; 0 = one block.
+  m.attn_query_chunk = 128  # Queries attend in blocks of this size, skipping causally masked keys; 0 = one block.
   m.init_std = 0.02
   m.dtype = 'float32'  # Compute dtype of matmuls ('bfloat16' on accelerators).
   m.param_dtype = 'float32'

@@ -317,17 +317,16 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   state, shardings, resumed = restore_or_init(run, manager, tx, train_iterator)
   start_step = int(state.step)
   writer = metrics_lib.MetricsWriter(run.workdir)
-  peak, peak_source = metrics_lib.device_peak_flops(cfg)
+  peak_total, peak_source = metrics_lib.total_peak_flops(cfg)
   flops_per_token = step_lib.flops_per_token(cfg.model, cfg.data.seq_len)
-  progress = metrics_lib.Progress(total_steps, start_step, flops_per_token,
-                                  peak * jax.device_count())
+  progress = metrics_lib.Progress(total_steps, start_step, flops_per_token, peak_total)
   summary: dict[str, Any] = {'workdir': str(run.workdir), 'resumed_from': resumed}
   progress.print(f'lm: {"fine-tuning" if is_finetune else "pre-training"} {cfg.name} | '
                  f'{model_lib.count_params(state.params):,} params '
                  f'({_count_trainable(run):,} trainable) | '
                  f'mesh {dict(run.mesh.shape)} | vocab {cfg.model.vocab_size} | '
                  f'{"resumed at step " + str(start_step) if resumed is not None else "from step 0"}'
-                 f' | peak {peak / 1e12:.3f} TFLOP/s/device ({peak_source})')
+                 f' | peak {peak_total / 1e12:.3f} TFLOP/s ({peak_source})')
   progress.print(f'data: {train_iterator.data_stats.summary()}')
 
   eval_fn = make_eval_fn(run)

@@ -38,8 +38,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lm import attention
+
 Array = jax.Array
-NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # Finite, so fully-masked rows stay NaN-free.
 
 
 def _dtype(name: str):
@@ -173,13 +174,13 @@ def rope_inv_freq(cfg: ml_collections.ConfigDict, base: Array | float, dim: int,
 
 
 def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
-  """Rotate-half RoPE (the layout Hugging Face Llama/Gemma checkpoints store q/k in)."""
-  angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  angles_BTD = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
+  """Rotate-half RoPE (the layout Hugging Face Llama/Gemma checkpoints store q/k in):
+  the halves (x1, x2) of each head become (x1 cos - x2 sin, x2 cos + x1 sin)."""
+  angles_BT1F = (positions_BT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+  cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
   x32 = x_BTHD.astype(jnp.float32)
-  half = x32.shape[-1] // 2
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * jnp.cos(angles_BTD) + rotated * jnp.sin(angles_BTD)).astype(x_BTHD.dtype)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHD.dtype)
 
 
 def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,
@@ -192,42 +193,6 @@ def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,
   allowed &= k_segment_BS[:, None, None, :] != 0
   in_window = (q_idx - k_idx) < window
   return allowed & ((window <= 0) | in_window)
-
-
-def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1TS: Array, *,
-                          softcap: float = 0.0, query_chunk: int = 0) -> Array:
-  """Masked softmax attention for (grouped) heads; q is already scaled. Returns [B, T, H, D].
-
-  Queries are taken `query_chunk` at a time (when T == S and the chunk divides T) and each
-  chunk only meets the keys up to its own end: the causal mask makes the rest zero, so
-  skipping them saves ~(1 - 1/chunks)/2 of the work and the small blocks stay in cache
-  (fwd+bwd at T=256: 64 ms dense, 25 ms in 4 chunks on the 2-core CPU). The softmax is
-  normalised after the PV matmul, on [T, D] instead of [T, S]; the max is a constant shift.
-  Scores, softmax and the normaliser are float32.
-  """
-  B, T, H, Dh = q_BTHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  G = H // K
-  q_BKGTD = q_BTHD.reshape(B, T, K, G, Dh).transpose(0, 2, 3, 1, 4)
-  k_BKSD, v_BKSD = k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
-  chunk = query_chunk if query_chunk and T == S and T % query_chunk == 0 else T
-  out_chunks = []
-  for start in range(0, T, chunk):
-    # With chunking, keys after this chunk's last query are causally masked: leave them out.
-    end = start + chunk if chunk < T else S
-    scores_BKGTS = jnp.einsum('bkgtd,bksd->bkgts', q_BKGTD[:, :, :, start:start + chunk],
-                              k_BKSD[:, :, :end], preferred_element_type=jnp.float32)
-    if softcap:
-      scores_BKGTS = softcap * jnp.tanh(scores_BKGTS / softcap)
-    mask_B11TS = mask_B1TS[:, :, None, start:start + chunk, :end]
-    scores_BKGTS = jnp.where(mask_B11TS, scores_BKGTS, NEG_INF)
-    shift_BKGT1 = jax.lax.stop_gradient(jnp.max(scores_BKGTS, axis=-1, keepdims=True))
-    weights_BKGTS = jnp.exp(scores_BKGTS - shift_BKGT1)
-    out_BKGTD = jnp.einsum('bkgts,bksd->bkgtd', weights_BKGTS.astype(v_BKSD.dtype),
-                           v_BKSD[:, :, :end], preferred_element_type=jnp.float32)
-    out_chunks.append(out_BKGTD / jnp.sum(weights_BKGTS, axis=-1, keepdims=True))
-  out_BKGTD = jnp.concatenate(out_chunks, axis=3) if len(out_chunks) > 1 else out_chunks[0]
-  return out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh).astype(q_BTHD.dtype)
 
 
 class Embed(nn.Module):
@@ -312,7 +277,7 @@ class Attention(nn.Module):
     mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
 
     scale = m.attn_scale or Dh ** -0.5
-    out_BTHD = dot_product_attention(
+    out_BTHD = attention.dot_product_attention(
         q_BTHD * jnp.asarray(scale, q_BTHD.dtype), k_BTKD, v_BTKD, mask_B1TS,
         softcap=m.attn_logit_softcap, query_chunk=0 if decode else m.attn_query_chunk)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('act_batch', 'act_length', 'act_heads', None))

@@ -1,0 +1,58 @@
+"""The speed benchmark (python -m lm.bench): its MFU denominator and the PyTorch yardstick."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lm import config, metrics, model as model_lib, step, torch_reference
+from test_train import ROOT, load_config_file
+
+
+def bench_config(**model_overrides):
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'bench_cpu.py'))
+  cfg.model.update(model_overrides)
+  return cfg
+
+
+def test_cpu_peak_is_counted_once_per_host_not_per_fake_device():
+  cfg = config.base_config()
+  assert jax.device_count() == 8
+  peak, source = metrics.total_peak_flops(cfg)
+  assert 'whole host' in source
+  assert 1e9 < peak < 1e13  # One host's measured f32 matmul rate, not 8 of them.
+  cfg.train.peak_flops = 1e12  # A configured peak is per device.
+  assert metrics.total_peak_flops(cfg) == (8e12, 'config')
+
+
+@pytest.mark.parametrize('overrides', [{}, dict(n_kv_heads=2, tie_embeddings=True)])
+def test_torch_reference_is_the_same_model(overrides):
+  cfg = bench_config(**overrides)
+  model = model_lib.build_model(cfg.model)
+  abstract = jax.eval_shape(step.init_fn(model, cfg.data.seq_len), jax.random.key(0))
+  reference = torch_reference.build(cfg.model, cfg.data.seq_len)
+  assert (sum(p.numel() for p in reference.parameters())
+          == model_lib.count_params(abstract))
+
+
+def test_torch_reference_refuses_options_it_does_not_implement():
+  with pytest.raises(ValueError, match='model.sliding_window'):
+    torch_reference.check_supported(bench_config(sliding_window=64).model)
+
+
+def test_bench_cli_reports_mfu_and_the_torch_ratio(tmp_path):
+  out = subprocess.run(
+      [sys.executable, '-m', 'lm.bench', '--config=configs/bench_cpu.py', '--torch',
+       '--steps=2', '--repeats=1', '--config.model.n_layers=1', '--config.data.batch_size=2',
+       f'--json={tmp_path / "bench.json"}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  assert out.returncode == 0, out.stderr
+  result = json.loads((tmp_path / 'bench.json').read_text())
+  assert result['devices'] == 1 and 'whole host' in result['peak_source']
+  assert 0 < result['mfu'] < 1.5 and 0 < result['torch_mfu'] < 1.5
+  assert result['speed_vs_torch'] > 0
+  assert 'speed_vs_torch' in out.stdout
