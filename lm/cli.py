@@ -14,18 +14,26 @@ from typing import Callable
 
 from lm import config as config_lib
 
-USER_ERRORS: tuple[type[BaseException], ...] = (config_lib.ConfigError,)
+
+
+# Modules whose error classes mean "the user's input is wrong": one line, exit 2, no traceback.
+_USER_ERROR_CLASSES = (('lm.data', 'DataError'), ('lm.checkpoint', 'CheckpointError'),
+                       ('lm.loop', 'TrainingError'), ('lm.convert', 'ConvertError'))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-  from lm import checkpoint, data, loop
-  errors = (config_lib.ConfigError, data.DataError, checkpoint.CheckpointError, loop.TrainingError)
-  try:
-    from lm.convert import ConvertError
-    errors += (ConvertError,)
-  except ImportError:
-    pass
-  return errors
+  """The user-error classes of the modules already imported.
+
+  An error of a module's class can only come from an imported module, and importing the others
+  here (grain, orbax, ...) while an exception is being handled could replace it with an
+  ImportError: on a machine without grain, a GPU out-of-memory error read
+  "No module named 'grain'".
+  """
+  errors = [config_lib.ConfigError]
+  for module, name in _USER_ERROR_CLASSES:
+    if module in sys.modules and hasattr(sys.modules[module], name):
+      errors.append(getattr(sys.modules[module], name))
+  return tuple(errors)
 
 
 def _override_keys(argv: list[str]) -> list[str]:
