@@ -29,7 +29,8 @@ NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # Finite, so fully-masked rows
 def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1TS: Array, *,
                           softcap: float = 0.0, query_chunk: int = 0) -> Array:
   """[B, T, H, D] attention output; see the module docstring."""
-  return _attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, float(softcap), int(query_chunk))
+  with jax.named_scope('attention'):  # Named for lm.op_profile.
+    return _attention(q_BTHD, k_BSKD, v_BSKD, mask_B1TS, float(softcap), int(query_chunk))
 
 
 def query_chunks(T: int, S: int, query_chunk: int) -> list[tuple[int, int, int]]:

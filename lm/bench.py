@@ -40,6 +40,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Memory plan only: nothing is all
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Dry run: plan for this many devices '
                                 '(default: the local ones).')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
+_PROFILE = flags.DEFINE_string('profile', '', 'Also trace 3 steps into this directory and print '
+                               'where the op time goes (lm/op_profile.py).')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the same model written plainly in PyTorch '
                            '(lm/torch_reference.py) and report the speed ratio.')
 flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors.')
@@ -106,6 +108,18 @@ def run_benchmark(cfg) -> dict:
   if memory is not None:
     result['compiled_temp_mb'] = round(memory.temp_size_in_bytes / 2**20, 1)
     result['compiled_args_mb'] = round(memory.argument_size_in_bytes / 2**20, 1)
+  if _PROFILE.value:
+    from lm import op_profile
+
+    def one_step():
+      nonlocal state  # The step donates its state: each call consumes the last one's.
+      state, step_metrics = compiled(state, batch)
+      return step_metrics
+
+    with sharding.activate(mesh, rules):
+      op_times = op_profile.trace_op_times(one_step, _PROFILE.value)
+    rows = op_profile.breakdown(op_times, compiled.as_text())
+    result['op_time_ms'] = {name: round(ms, 1) for name, ms, _ in rows}
   if _TORCH.value:
     from lm import torch_reference
     ref = torch_reference.benchmark(cfg, _STEPS.value, _REPEATS.value)
@@ -130,7 +144,13 @@ def main(argv):
     result = run_benchmark(cfg)
     width = max(len(k) for k in result)
     for key, value in result.items():
-      print(f'{key:<{width}}  {value}')
+      if key != 'op_time_ms':
+        print(f'{key:<{width}}  {value}')
+    if 'op_time_ms' in result:
+      from lm import op_profile
+      total = sum(result['op_time_ms'].values()) or 1.0
+      print(op_profile.format_breakdown(
+          [(name, ms, ms / total) for name, ms in result['op_time_ms'].items()]))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump(result, f, indent=1, default=str)

@@ -176,11 +176,12 @@ def rope_inv_freq(cfg: ml_collections.ConfigDict, base: Array | float, dim: int,
 def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
   """Rotate-half RoPE (the layout Hugging Face Llama/Gemma checkpoints store q/k in):
   the halves (x1, x2) of each head become (x1 cos - x2 sin, x2 cos + x1 sin)."""
-  angles_BT1F = (positions_BT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
-  cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
-  x32 = x_BTHD.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BTHD.dtype)
+  with jax.named_scope('rope'):  # Named for lm.op_profile.
+    angles_BT1F = (positions_BT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+    cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
+    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTHD.dtype)
 
 
 def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,

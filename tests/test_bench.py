@@ -8,7 +8,7 @@ import sys
 import jax
 import pytest
 
-from lm import config, metrics, model as model_lib, step, torch_reference
+from lm import config, metrics, model as model_lib, op_profile, step, torch_reference
 from test_train import ROOT, load_config_file
 
 
@@ -43,11 +43,26 @@ def test_torch_reference_refuses_options_it_does_not_implement():
     torch_reference.check_supported(bench_config(sliding_window=64).model)
 
 
-def test_bench_cli_reports_mfu_and_the_torch_ratio(tmp_path):
+def test_op_names_fall_into_the_categories_a_reader_expects():
+  fwd = 'jit(train_step)/jvp(Transformer)/Transformer._layers/layers_1/'
+  bwd = 'jit(train_step)/transpose(jvp(Transformer))/Transformer._layers/layers_1/'
+  cases = {
+      fwd + 'mlp/wi_0/wi_0._flat_matmul/dot_general': 'linear layers (fwd)',
+      bwd + 'attn/attention/bkgts,bksd->bkgtd/dot_general': 'attention (bwd)',
+      fwd + 'attn/rope/concatenate': 'rope (fwd)',
+      fwd + 'pre_mlp_norm/mul': 'norms (fwd)',
+      bwd + 'mlp/jit(silu)/mul': 'mlp activation (bwd)',
+      'jit(train_step)/jit(_where)/select_n': 'other',
+  }
+  for op_name, category in cases.items():
+    assert op_profile.categorize(op_name) == category, op_name
+
+
+def test_bench_cli_reports_mfu_the_torch_ratio_and_the_op_profile(tmp_path):
   out = subprocess.run(
       [sys.executable, '-m', 'lm.bench', '--config=configs/bench_cpu.py', '--torch',
        '--steps=2', '--repeats=1', '--config.model.n_layers=1', '--config.data.batch_size=2',
-       f'--json={tmp_path / "bench.json"}'],
+       f'--profile={tmp_path / "trace"}', f'--json={tmp_path / "bench.json"}'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
   assert out.returncode == 0, out.stderr
@@ -56,3 +71,7 @@ def test_bench_cli_reports_mfu_and_the_torch_ratio(tmp_path):
   assert 0 < result['mfu'] < 1.5 and 0 < result['torch_mfu'] < 1.5
   assert result['speed_vs_torch'] > 0
   assert 'speed_vs_torch' in out.stdout
+  # A real trace of the real step: every part of the model shows up with some op time.
+  for part in ('linear layers', 'attention', 'rope', 'norms', 'mlp activation'):
+    assert result['op_time_ms'][f'{part} (fwd)'] > 0 and result['op_time_ms'][f'{part} (bwd)'] > 0
+  assert 'op time' in out.stdout and list((tmp_path / 'trace').glob('plugins/profile/*/*.pb'))
