@@ -34,7 +34,7 @@ def dot_product_attention(q_BTHD: Array, k_BSKD: Array, v_BSKD: Array, mask_B1TS
 
 
 def query_chunks(T: int, S: int, query_chunk: int) -> list[tuple[int, int, int]]:
-  """(first query, end query, end key) per chunk; one chunk over all keys unless chunking applies."""
+  """(first query, end query, end key) per chunk; one chunk of all keys unless chunking applies."""
   if not query_chunk or T != S or T % query_chunk or query_chunk >= T:
     return [(0, T, S)]
   return [(start, start + query_chunk, start + query_chunk) for start in range(0, T, query_chunk)]
