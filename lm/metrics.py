@@ -60,7 +60,7 @@ def total_peak_flops(cfg) -> tuple[float, str]:
   """
   peak, source = device_peak_flops(cfg)
   if jax.default_backend() == 'cpu' and source != 'config':
-    return peak * jax.process_count(), source + ' (whole host)'
+    return peak * jax.process_count(), source + ', whole host'
   return peak * jax.device_count(), source
 
 
