@@ -173,14 +173,34 @@ def rope_inv_freq(cfg: ml_collections.ConfigDict, base: Array | float, dim: int,
   return jnp.where(is_medium, blended, scaled)
 
 
-def apply_rope(x_BTHD: Array, positions_BT: Array, inv_freq: Array) -> Array:
+def rope_cos_sin(positions_BT: Array, inv_freq_F: Array, table_len: int = 0) -> tuple[Array, Array]:
+  """cos and sin [B, T, 1, F] of the RoPE angles positions * inv_freq.
+
+  With `table_len` > 0 they are read from a [table_len, F] table of the same values instead of
+  evaluated per token. Computed per token, XLA fuses cos/sin into the rotations that use them
+  and evaluates them again for every head and every use: on the 2-core CPU that made RoPE 5x
+  slower and 7% of the bench_cpu step. A gather keeps the trig to table_len * F values.
+  Positions must be < table_len; larger ones read NaN rather than a wrong angle.
+  """
+  with jax.named_scope('rope'):  # Named for lm.op_profile.
+    if table_len:
+      angles_LF = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq_F
+      lookup = lambda table_LF: jnp.take(table_LF, positions_BT, axis=0, mode='fill',
+                                         fill_value=jnp.nan)
+      cos_BTF, sin_BTF = lookup(jnp.cos(angles_LF)), lookup(jnp.sin(angles_LF))
+    else:
+      angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
+      cos_BTF, sin_BTF = jnp.cos(angles_BTF), jnp.sin(angles_BTF)
+    return cos_BTF[:, :, None], sin_BTF[:, :, None]
+
+
+def apply_rope(x_BTHD: Array, cos_BT1F: Array, sin_BT1F: Array) -> Array:
   """Rotate-half RoPE (the layout Hugging Face Llama/Gemma checkpoints store q/k in):
   the halves (x1, x2) of each head become (x1 cos - x2 sin, x2 cos + x1 sin)."""
   with jax.named_scope('rope'):  # Named for lm.op_profile.
-    angles_BT1F = (positions_BT[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BT1F), jnp.sin(angles_BT1F)
     x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    rotated = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F],
+                              axis=-1)
     return rotated.astype(x_BTHD.dtype)
 
 
@@ -262,8 +282,10 @@ class Attention(nn.Module):
     if m.sliding_window and m.rope_local_base:
       # Local layers use their own base without the global layers' scaling (as Gemma 3 does).
       inv_freq = jnp.where(is_global, inv_freq, rope_inv_freq(m, rope_base, Dh, apply_scaling=False))
-    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
-    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+    # Outside decoding, positions count tokens within a row, so a table of T angles covers them.
+    cos_BT1F, sin_BT1F = rope_cos_sin(positions_BT, inv_freq, 0 if decode else x_BTD.shape[1])
+    q_BTHD = apply_rope(q_BTHD, cos_BT1F, sin_BT1F)
+    k_BTKD = apply_rope(k_BTKD, cos_BT1F, sin_BT1F)
     q_BTHD = nn.with_logical_constraint(q_BTHD, ('act_batch', 'act_length', 'act_heads', None))
     k_BTKD = nn.with_logical_constraint(k_BTKD, ('act_batch', 'act_length', 'act_kv_heads', None))
 
@@ -366,7 +388,10 @@ def _remat_policy(name: str):
 class Transformer(nn.Module):
   """`__call__` returns float32 logits [B, T, V] (head='lm'), class logits [B, C]
   (head='classify'), the final hidden states [B, T, D] (head='hidden'), or all three
-  (head='all', used at init so every head's parameters exist)."""
+  (head='all', used at init so every head's parameters exist).
+
+  positions_BT (default 0..T-1) count tokens within a row or document, so outside decoding
+  they are < T; a position >= T gives NaN (see rope_cos_sin)."""
   cfg: ml_collections.ConfigDict
   lora: ml_collections.ConfigDict | None = None
   decode: bool = False

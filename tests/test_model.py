@@ -162,6 +162,27 @@ def test_chunked_attention_equals_one_block(overrides, chunk):
                                atol=1e-7, err_msg=path)
 
 
+def test_rope_table_gives_the_angles_computed_per_token():
+  positions = np.random.default_rng(3).integers(0, 64, (4, 32)).astype(np.int32)
+  inv_freq = model_lib.rope_inv_freq(config.model_config(), 500_000.0, 16, apply_scaling=True)
+  per_token = model_lib.rope_cos_sin(jnp.asarray(positions), inv_freq)
+  from_table = model_lib.rope_cos_sin(jnp.asarray(positions), inv_freq, table_len=64)
+  for want, got in zip(per_token, from_table):
+    assert got.shape == (4, 32, 1, 8)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_position_past_the_row_reads_nan_not_a_wrong_angle():
+  model = model_lib.build_model(tiny_model_cfg())
+  params = host_params(model)
+  tokens = np.zeros((1, 16), np.int32)
+  in_range = np.asarray(model.apply({'params': params}, tokens, np.arange(16)[None]))
+  assert np.isfinite(in_range).all()
+  past_the_row = np.arange(16, dtype=np.int32)[None] + 1  # Position 16 in a row of 16.
+  logits = np.asarray(model.apply({'params': params}, tokens, past_the_row))
+  assert np.isnan(logits[0, 15]).all()
+
+
 @pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE], ids=['llama', 'gemma'])
 def test_changing_a_token_changes_no_earlier_logit(overrides):
   model = model_lib.build_model(tiny_model_cfg(**overrides))
