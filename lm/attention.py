@@ -9,8 +9,8 @@ and each chunk only meets the keys up to its own last query: the causal mask zer
 so those blocks are skipped (about (1 - 1/chunks) / 2 of the work) and the smaller blocks stay
 in cache. Measured on the 2-core CPU, fwd+bwd of one bench_cpu layer (B 8, T 256, 6 heads of
 64): 55 ms in one block, 37 ms in chunks of 64 or 128. (A hand-written flash-attention
-backward was tried and was no faster here: XLA:CPU runs these batched matmuls on one core
-either way.) Decoding with a KV cache uses one block.
+backward was tried and was no faster here: XLA:CPU's batched matmuls reach ~40% of its
+matmul peak either way; see docs/performance.md.) Decoding with a KV cache uses one block.
 
 Scores, softmax weights and the normaliser are float32 whatever the compute dtype.
 Rows with no visible key (fully masked) attend uniformly rather than producing NaN.
