@@ -180,12 +180,14 @@ def rope_cos_sin(positions_BT: Array, inv_freq_F: Array, table_len: int = 0) -> 
   evaluated per token. Computed per token, XLA fuses cos/sin into the rotations that use them
   and evaluates them again for every head and every use: on the 2-core CPU that made RoPE 5x
   slower and 7% of the bench_cpu step. A gather keeps the trig to table_len * F values.
-  Positions must be < table_len; larger ones read NaN rather than a wrong angle.
+  Positions must be in [0, table_len); others read NaN rather than a wrong angle.
   """
   with jax.named_scope('rope'):  # Named for lm.op_profile.
     if table_len:
       angles_LF = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq_F
-      lookup = lambda table_LF: jnp.take(table_LF, positions_BT, axis=0, mode='fill',
+      # jnp.take counts negative indices from the end: send them out of range instead.
+      index_BT = jnp.where(positions_BT < 0, table_len, positions_BT)
+      lookup = lambda table_LF: jnp.take(table_LF, index_BT, axis=0, mode='fill',
                                          fill_value=jnp.nan)
       cos_BTF, sin_BTF = lookup(jnp.cos(angles_LF)), lookup(jnp.sin(angles_LF))
     else:
@@ -391,7 +393,7 @@ class Transformer(nn.Module):
   (head='all', used at init so every head's parameters exist).
 
   positions_BT (default 0..T-1) count tokens within a row or document, so outside decoding
-  they are < T; a position >= T gives NaN (see rope_cos_sin)."""
+  they are in [0, T); a position outside gives NaN (see rope_cos_sin)."""
   cfg: ml_collections.ConfigDict
   lora: ml_collections.ConfigDict | None = None
   decode: bool = False

@@ -172,15 +172,16 @@ def test_rope_table_gives_the_angles_computed_per_token():
     np.testing.assert_array_equal(got, want)
 
 
-def test_a_position_past_the_row_reads_nan_not_a_wrong_angle():
+def test_a_position_outside_the_row_reads_nan_not_a_wrong_angle():
   model = model_lib.build_model(tiny_model_cfg())
   params = host_params(model)
   tokens = np.zeros((1, 16), np.int32)
-  in_range = np.asarray(model.apply({'params': params}, tokens, np.arange(16)[None]))
-  assert np.isfinite(in_range).all()
+  logits_of = lambda positions: np.asarray(model.apply({'params': params}, tokens, positions))
+  assert np.isfinite(logits_of(np.arange(16)[None])).all()
   past_the_row = np.arange(16, dtype=np.int32)[None] + 1  # Position 16 in a row of 16.
-  logits = np.asarray(model.apply({'params': params}, tokens, past_the_row))
-  assert np.isnan(logits[0, 15]).all()
+  assert np.isnan(logits_of(past_the_row)[0, 15]).all()
+  negative = np.arange(16, dtype=np.int32)[None] - 1  # Position -1 first.
+  assert np.isnan(logits_of(negative)[0, 0]).all()
 
 
 @pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE], ids=['llama', 'gemma'])
