@@ -39,13 +39,14 @@ from etils import epath
 
 from lm import config as config_lib
 from lm import model as model_lib
+from lm.errors import UserError
 
 STATE, DATA, CONFIG = 'state', 'data', 'config'
 MANIFEST = 'lm_manifest.json'  # {file: [bytes, sha256]} of a step's item files.
 _ORBAX_TMP = '.orbax-checkpoint-tmp'  # Orbax's suffix for a step still being written.
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A missing, unreadable or mismatched checkpoint; the message names path and parameter."""
 
 

@@ -12,10 +12,12 @@ import math
 
 import ml_collections
 
+from lm.errors import UserError
+
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A user-caused configuration problem; the message names the key."""
 
 

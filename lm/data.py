@@ -106,6 +106,7 @@ import grain
 import numpy as np
 
 from lm import corpus
+from lm.errors import UserError
 
 SOURCES = ('builtin', 'text', 'jsonl', 'parquet', 'arrayrecord', 'mixture')
 TASKS = ('lm', 'sft', 'classify')
@@ -121,7 +122,7 @@ _NEAR_DEDUP_SHINGLE = 5  # Words per shingle.
 _NON_TEXT = re.compile('[\x00-\x08\x0b\x0e-\x1f\x7f\ufffd]')
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A user-caused data problem; the one-line message names the file and line, or config key."""
 
 

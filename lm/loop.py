@@ -31,9 +31,10 @@ from lm import checkpoint, data, metrics as metrics_lib, optim, sharding, step a
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError, validate
+from lm.errors import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
   """The run cannot go on (non-finite loss under the 'stop' policy, too many skipped steps)."""
 
 

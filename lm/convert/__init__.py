@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from lm.errors import UserError
+
 CONVERTER_VERSION = 2  # Bump when the output of a conversion changes, to invalidate caches.
 MANIFEST = 'convert.json'
 TOKENIZER_FILE = 'tokenizer.model'
@@ -32,7 +34,7 @@ CONFIG_FILE = 'config.py'
 CHECKPOINT_DIR = 'checkpoint'
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
   """A user-caused conversion problem; the message names the file, tensor or parameter path."""
 
 
