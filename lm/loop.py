@@ -95,7 +95,7 @@ def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> 
     raise ConfigError(f'config key data.batch_size: {cfg.data.batch_size} rows cannot be split '
                       f'evenly over the {batch_shards} batch shards of mesh axes {batch_axes} '
                       f'(mesh {dict(mesh.shape)})')
-  tokenizer = tokenizer_lib.load_or_train(cfg, workdir)
+  tokenizer = data.load_or_train_tokenizer(cfg, workdir)
   fit_vocab(cfg, tokenizer)
   task = cfg.finetune.task if is_finetune else 'lm'
   model = model_lib.build_model(cfg.model, cfg.finetune if is_finetune else None)

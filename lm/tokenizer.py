@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer: train from any configured source, save with the run, load, encode.
+"""SentencePiece tokenizer: train from the texts it is handed, save with the run, load, encode.
 
 A model this code trains has explicit special ids pad=0, unk=1, bos=2, eos=3. Imported models
 (Llama, Gemma, ...) bring their own `.model` with other ids, so every other module reads the
@@ -16,9 +16,11 @@ round-trips through encode/decode.
      sense with the tokenizer that wrote them);
   4. tokenizer.model next to cfg.finetune.restore_from or cfg.train.init_from (or one or two
      directories up): a fine-tuned model must keep its pre-trained vocabulary;
-  5. otherwise train on the configured training split and save to <workdir>/tokenizer.model.
-     For the built-in corpus the trained model is also cached under $LM_CACHE_DIR/tokenizers,
-     keyed by every setting that shapes it, because its text is fixed per interpreter version.
+  5. otherwise train on the texts the caller hands over (`training_texts`) and save to
+     <workdir>/tokenizer.model. lm.data.load_or_train_tokenizer(cfg, workdir) hands the
+     configured training split; for the built-in corpus it also hands a cache key, and the
+     trained model is cached under $LM_CACHE_DIR/tokenizers, because that text is fixed per
+     interpreter version. This module never imports lm.data.
 Whatever it picks is saved to <workdir>/tokenizer.model, so a run always carries its tokenizer.
 """
 
@@ -29,7 +31,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 from etils import epath
@@ -198,20 +200,19 @@ def _nearby_tokenizer(checkpoint_path: str) -> epath.Path | None:
   return None
 
 
-def _builtin_cache_path(cfg) -> epath.Path | None:
-  """Cache location of a tokenizer trained on the built-in corpus; None for other sources."""
-  from lm import corpus, data  # pylint: disable=import-outside-toplevel
-  if not data.is_builtin_only(cfg):
+def _cache_path(cfg, cache_key: dict | None, cache_dir) -> epath.Path | None:
+  """Where a tokenizer trained on a fixed text source is cached (None: not cacheable).
+
+  The caller (lm.data) hands a cache key that identifies the training texts exactly, e.g.
+  for the built-in corpus its source settings and the interpreter's corpus version.
+  """
+  if cache_key is None or cache_dir is None:
     return None
   options = {k: v for k, v in trainer_options(cfg.tokenizer).items() if k != 'num_threads'}
-  key = json.dumps({
-      'tokenizer': options,
-      'max_train_docs': int(cfg.tokenizer.max_train_docs),
-      'data': data.source_key(cfg),
-      'corpus': corpus.cache_key(),
-  }, sort_keys=True)
+  key = json.dumps({'tokenizer': options, 'max_train_docs': int(cfg.tokenizer.max_train_docs),
+                    **cache_key}, sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-  return epath.Path(corpus.cache_dir()) / 'tokenizers' / f'{digest}.model'
+  return epath.Path(cache_dir) / 'tokenizers' / f'{digest}.model'
 
 
 def _copy_into(tokenizer: Tokenizer, path: epath.Path, origin) -> Tokenizer:
@@ -222,8 +223,13 @@ def _copy_into(tokenizer: Tokenizer, path: epath.Path, origin) -> Tokenizer:
   return tokenizer
 
 
-def load_or_train(cfg, workdir) -> Tokenizer:
-  """The run's tokenizer (see the module docstring for the order); saved in the workdir."""
+def load_or_train(cfg, workdir, *, training_texts: Callable[[], Iterable[str]] | None = None,
+                  cache_key: dict | None = None, cache_dir=None) -> Tokenizer:
+  """The run's tokenizer (see the module docstring for the order); saved in the workdir.
+
+  training_texts is called only when a tokenizer must be trained; lm.data.load_or_train_tokenizer
+  passes the configured training split's texts and, for the built-in corpus, a cache key.
+  """
   workdir = epath.Path(workdir)
   own = workdir / TOKENIZER_FILE
   if cfg.tokenizer.path:
@@ -239,14 +245,17 @@ def load_or_train(cfg, workdir) -> Tokenizer:
   for candidate in candidates:
     if candidate is not None and candidate.exists():
       return _copy_into(Tokenizer.load(candidate), own, candidate)
-  cached = _builtin_cache_path(cfg)
+  cached = _cache_path(cfg, cache_key, cache_dir)
   if cached is not None and cached.exists():
     return _copy_into(Tokenizer.load(cached), own, cached)
+  if training_texts is None:
+    raise config_lib.ConfigError(
+        f'config key tokenizer.path: no tokenizer found (tokenizer.path, {own}, '
+        'data.prepared_dir, finetune.restore_from, train.init_from) and no texts to train one')
 
-  from lm import data  # pylint: disable=import-outside-toplevel
   logging.info('tokenizer: training %s (vocab %d) on the training split',
                cfg.tokenizer.model_type, cfg.tokenizer.vocab_size)
-  tokenizer = train_tokenizer(data.tokenizer_training_texts(cfg), cfg.tokenizer, own)
+  tokenizer = train_tokenizer(training_texts(), cfg.tokenizer, own)
   if cached is not None:
     try:
       tokenizer.save(cached)

@@ -486,3 +486,11 @@ def test_worker_processes_resume_exactly(jsonl_cfg, tok):
   resumed = data.make_pipeline(cfg, tok, 'train')
   resumed.set_state(state)
   assert_batches_equal(take(resumed, 4), expected)
+
+
+def test_tokenizer_never_imports_the_data_layer():
+  import subprocess
+  import sys
+  code = ('import sys, lm.tokenizer; '
+          "assert not [m for m in sys.modules if m.startswith('lm.data')], sorted(sys.modules)")
+  subprocess.run([sys.executable, '-c', code], check=True)

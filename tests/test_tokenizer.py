@@ -111,7 +111,7 @@ def _jsonl_cfg(tmp_path, texts):
 def test_load_or_train_saves_then_reuses(tmp_path, texts, monkeypatch):
   cfg = _jsonl_cfg(tmp_path, texts)
   workdir = tmp_path / 'run'
-  first = tokenizer_lib.load_or_train(cfg, workdir)
+  first = tokenizer_lib.load_or_train(cfg, workdir, training_texts=lambda: texts)
   assert (workdir / 'tokenizer.model').exists()
 
   def fail(*args, **kwargs):

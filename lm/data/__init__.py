@@ -1,0 +1,106 @@
+"""The data layer: sources -> quality filters -> tokenize -> pack -> batch, as one grain pipeline.
+
+    it = make_pipeline(cfg, tokenizer, 'train', process_index=i, process_count=n)
+    batch = next(it)          # dict of host-local numpy arrays, this process's rows
+    state = it.get_state()    # JSON-serialisable; a fresh pipeline + set_state(state)
+                              # continues with exactly the batches this one would produce
+    it.data_stats             # DataStats: documents read/kept, filtered and skipped by reason
+
+Sources (cfg.data.source; paths through etils.epath, so gs:// works):
+  'builtin'      the running interpreter's standard library (lm.corpus), subset
+                 cfg.data.builtin_subset ('general' or a held-out domain of lm.corpus.DOMAINS);
+  'text'         files/globs/directories; one document per file, or per blank-line-separated
+                 block with data.text_unit='paragraph';
+  'jsonl'        one JSON object per line; fields data.text_field (task 'lm'), prompt_field +
+                 completion_field ('sft'), text_field + label_field ('classify');
+  'parquet'      the same fields as columns (pyarrow);
+  'arrayrecord'  records of UTF-8 text, or JSON objects (a record starting with '{' that parses
+                 as an object) with the fields above;
+  'mixture'      cfg.data.mixture = ((name, weight), ...): a builtin subset name or a path/glob
+                 (type from its extension: .jsonl/.json, .parquet, .array_record, else text).
+                 Documents are drawn from the components with probability ~ weight.
+  cfg.data.prepared_dir, when set, replaces all of these with the token shards written by
+  `python -m lm.data prepare` (same filters, split and order, no tokenizing at train time).
+
+Documents are read, filtered and de-duplicated once, when the pipeline is built, rather than
+lazily after the shuffle: de-duplication needs to see every document anyway, and doing it up
+front makes the counts exact and the per-process shards fixed lists. Filters, in order:
+too_short / too_long (chars; task 'lm' only, short task examples are legitimate),
+non_text (share of control characters / U+FFFD above data.max_nontext_fraction),
+duplicate (exact content hash), near_duplicate (MinHash LSH, data.near_dedup).
+
+Split: every document has a group (its content hash; for the built-in corpus, the source
+chunk it came from) and a rank = hash(group) in [0, 1). rank < data.validation_share is
+validation, the rest is training. Each split is ordered by rank, and data.train_fraction
+keeps the first share of the training documents: a deterministic, nested random subset.
+
+Bad input: a missing path, an empty file, a JSONL line that is not a JSON object or lacks a
+field, an unreadable Parquet/ArrayRecord file, or bytes that are not UTF-8 raise DataError
+with one line naming file and line (or row / record). With data.on_error='skip' the record
+(or file) is skipped instead and counted by reason in DataStats.skipped; a path that matches
+nothing always raises, since it is a typo rather than bad data.
+
+Batches (T = data.seq_len, B = data.batch_size // process_count rows per process):
+  inputs      int32   [B, T]  tokens; documents are wrapped as bos + tokens + eos
+  targets     int32   [B, T]  the next token of the stream
+  segment_ids int32   [B, T]  1, 2, ... per document in the row; 0 = padding
+  positions   int32   [B, T]  0, 1, ... restarting with every segment of the row
+  loss_mask   float32 [B, T]  1 where the target is the next token of the same document
+                              (0 on padding and across document boundaries; for task 'sft'
+                              also 0 where the target is a prompt token)
+  labels      int32   [B]     task 'classify' only; ids in the order of class_names(cfg)
+Tasks 'lm' and 'sft' concatenate documents and cut the stream into rows: no token is lost
+or repeated, long documents continue in the next row (the last target of a row is the first
+input of the next, so no prediction is lost either). Task 'classify' puts one document per
+row, truncated to T (keeping the final eos) and padded; loss_mask marks its real tokens.
+Padding appears only at the end of a finite split (validation, or data.num_epochs > 0);
+padding rows of 'classify' have label 0 and an all-zero loss_mask.
+
+Processes: training documents are split into S = data.shard_count logical shards (0 = the
+process count); shard s holds every S-th document from s and packs batch_size/S rows per step.
+Process p of P reads only shards p*(S/P) .. (p+1)*(S/P)-1 and stacks their rows in shard order,
+so every process count dividing S yields the same global batches (the checkpointed iterator
+state holds each shard's position; restore_iterator restores it under another process
+count). For validation every process packs the same
+global stream and keeps its rows, so every process sees the same number of batches (collective
+evaluation needs that); validation is finite, in a fixed order and independent of
+data.shuffle_seed, so calling make_pipeline again repeats it exactly. A finite mixture ends
+when its first component runs out. data.worker_count applies to training only; validation
+always runs in-process.
+With data.num_epochs > 0 and several processes, training iterators may end a batch apart;
+the train loop stops at train.steps anyway.
+
+Stats: `DataStats` counts documents read, kept per split (and their bytes), held out by
+train_fraction, filtered by reason and skipped by reason (with the first message of each).
+Get it as `iterator.data_stats`, or `data_stats(cfg, task)`; `stats.summary()` is one line.
+
+CLI (ml_collections config files, --config.key=value overrides):
+  python -m lm.data prepare --config=configs/X.py [--workdir=DIR]   write ArrayRecord shards
+  python -m lm.data report  --config=configs/X.py [--split=train]   counts, bytes/token, top tokens
+  python -m lm.data bench   --config=configs/X.py [--runs=5 --batches=200]   tokens/s (median)
+The tokenizer comes from load_or_train_tokenizer(cfg, workdir); for `prepare` the workdir
+defaults to data.prepared_dir, so the shards carry the tokenizer that wrote them.
+
+Stages, one module each: sources (what to read), readers (files -> records), filters (quality,
+dedup), split (hash rank), documents (a small corpus in memory), tokenize, packing, shards
+(logical data shards and iterator state), prepared (reading prepared shards), prepare_job (writing
+them), pipeline (make_pipeline), measure (report, bench), __main__ (the CLI).
+"""
+
+from lm.data.documents import (class_names, data_stats, load_documents, load_or_train_tokenizer,
+                               split_components, tokenizer_cache_key, tokenizer_training_texts)
+from lm.data.packing import (ClassifyRow, PackedBatchIterDataset, StackRows, TakeRows,
+                             TokenStream, pack_rows)
+from lm.data.pipeline import make_pipeline
+from lm.data.prepare_job import prepare
+from lm.data.prepared import prepared_dataset, read_prepared_meta
+from lm.data.readers import expand_paths
+from lm.data.measure import bench, report
+from lm.data.shards import (ShardedBatchesIterDataset, merge_iterator_states, process_shards,
+                            restore_iterator)
+from lm.data.sources import (SOURCES, TASKS, Component, Record, check_data_config, components,
+                             is_builtin_only, source_key)
+from lm.data.split import split_rank
+from lm.data.stats import SPLITS, DataError, DataStats
+from lm.data.tokenize import (TokenizeRecord, concat_docs, decode_prepared, encode_prepared,
+                              tokenize_records)

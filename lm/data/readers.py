@@ -1,0 +1,224 @@
+"""Readers: files of each format -> Records; bad input raises DataError naming file and line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+from etils import epath
+
+from lm import corpus
+from lm.data.sources import Component, Record, as_tuple
+from lm.data.stats import DataError, OnError
+
+
+def _has_wildcard(pattern: str) -> bool:
+  return any(c in pattern for c in '*?[')
+
+
+def _glob(pattern: str) -> list[epath.Path]:
+  if not _has_wildcard(pattern):
+    path = epath.Path(pattern)
+    if path.is_dir():
+      return sorted(p for p in path.rglob('*') if p.is_file())
+    return [path] if path.exists() else []
+  parts = pattern.split('/')
+  first = next(i for i, part in enumerate(parts) if _has_wildcard(part))
+  base = '/'.join(parts[:first]) or '.'
+  return sorted(p for p in epath.Path(base).glob('/'.join(parts[first:])) if p.is_file())
+
+
+def expand_paths(patterns, key: str = 'data.paths') -> list[epath.Path]:
+  """Files matching each pattern (file, directory or glob), in sorted order per pattern."""
+  patterns = as_tuple(patterns)
+  if not patterns:
+    raise DataError(f'config key {key}: no files or globs given')
+  found = []
+  for pattern in patterns:
+    matches = _glob(str(pattern))
+    if not matches:
+      raise DataError(f"config key {key}: '{pattern}' matches no file")
+    found.extend(m for m in matches if m not in found)
+  return found
+
+
+def decode_utf8(raw: bytes, where: str, first_line: int, on_error: OnError) -> str | None:
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    line = first_line + raw[:e.start].count(b'\n')
+    on_error('invalid_utf8', f'{where}:{line}', f'invalid UTF-8 byte 0x{raw[e.start]:02x}')
+    return None
+
+
+def _fields_for(task: str, d) -> tuple[str, ...]:
+  return {'lm': (d.text_field,), 'sft': (d.prompt_field, d.completion_field),
+          'classify': (d.text_field, d.label_field)}[task]
+
+
+def _field_keys(task: str) -> tuple[str, ...]:
+  return {'lm': ('data.text_field',), 'sft': ('data.prompt_field', 'data.completion_field'),
+          'classify': ('data.text_field', 'data.label_field')}[task]
+
+
+def record_from_object(obj, task: str, d, where: str, on_error: OnError) -> Record | None:
+  """A Record from a JSON object / table row, or None (after on_error) if a field is bad."""
+  if not isinstance(obj, dict):
+    on_error('not_an_object', where, f'expected a JSON object, got {type(obj).__name__}')
+    return None
+  values = []
+  for field, key in zip(_fields_for(task, d), _field_keys(task)):
+    if field not in obj or obj[field] is None:
+      on_error('missing_field', where, f"no field '{field}' (config key {key})")
+      return None
+    value = obj[field]
+    is_label = task == 'classify' and key == 'data.label_field'
+    if is_label and isinstance(value, (int, bool)):
+      value = str(int(value))
+    if not isinstance(value, str):
+      on_error('bad_field', where, f"field '{field}' must be a string, got {type(value).__name__}")
+      return None
+    values.append(value)
+  if task == 'lm':
+    return Record(values[0], origin=where)
+  if task == 'sft':
+    return Record(values[0], completion=values[1], origin=where)
+  return Record(values[0], label=values[1], origin=where)
+
+
+def _read_builtin(comp: Component, d) -> Iterator[Record]:
+  for doc in corpus.documents(comp.subset, as_tuple(d.builtin_kinds)):
+    yield Record(doc.text, origin=doc.name, group=doc.group)
+
+
+def _read_text(path: epath.Path, d, on_error: OnError) -> Iterator[Record]:
+  raw = path.read_bytes()
+  if not raw.strip():
+    on_error('empty_file', f'{path}:1', 'empty file')
+    return
+  text = decode_utf8(raw, str(path), 1, on_error)
+  if text is None:
+    return
+  if d.text_unit == 'file':
+    yield Record(text, origin=f'{path}:1')
+    return
+  block, first = [], 0
+  for number, line in enumerate(text.splitlines(keepends=True), start=1):
+    if line.strip():
+      if not block:
+        first = number
+      block.append(line)
+    elif block:
+      yield Record(''.join(block), origin=f'{path}:{first}')
+      block = []
+  if block:
+    yield Record(''.join(block), origin=f'{path}:{first}')
+
+
+def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[Record]:
+  nonblank = 0
+  with path.open('rb') as f:
+    for number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue  # Blank lines (a trailing newline) hold no record.
+      nonblank += 1
+      where = f'{path}:{number}'
+      line = decode_utf8(raw, str(path), number, on_error)
+      if line is None:
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        on_error('invalid_json', where, f'not valid JSON ({e.msg} at column {e.colno})')
+        continue
+      record = record_from_object(obj, task, d, where, on_error)
+      if record is not None:
+        yield record
+  if not nonblank:
+    on_error('empty_file', f'{path}:1', 'empty file (no JSON lines)')
+
+
+def _read_parquet(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[Record]:
+  import pyarrow  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  fields = _fields_for(task, d)
+  try:
+    with path.open('rb') as f:
+      table = pq.read_table(f, columns=None)
+  except (pyarrow.ArrowException, OSError) as e:
+    on_error('corrupt_file', f'{path}', f'not a readable Parquet file ({type(e).__name__}: {e})')
+    return
+  if table.num_rows == 0:
+    on_error('empty_file', f'{path}', 'Parquet file has no rows')
+    return
+  missing = [(f, k) for f, k in zip(fields, _field_keys(task)) if f not in table.column_names]
+  if missing:
+    field, key = missing[0]
+    on_error('missing_field', f'{path}',
+             f"no column '{field}' (config key {key}); columns: {table.column_names}",
+             count=table.num_rows)
+    return
+  columns = [table.column(f).to_pylist() for f in fields]
+  for row, values in enumerate(zip(*columns), start=1):
+    where = f'{path}:row {row}'
+    decoded = {}
+    for field, value in zip(fields, values):
+      if isinstance(value, bytes):
+        value = decode_utf8(value, where, 1, on_error)
+        if value is None:
+          break
+      decoded[field] = value
+    else:
+      record = record_from_object(decoded, task, d, where, on_error)
+      if record is not None:
+        yield record
+
+
+def _read_arrayrecord(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[Record]:
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  try:
+    reader = array_record_module.ArrayRecordReader(str(path))
+    raws = reader.read_all()
+    reader.close()
+  except Exception as e:  # pylint: disable=broad-except  (the reader raises bare RuntimeError/ValueError)
+    on_error('corrupt_file', f'{path}', f'not a readable ArrayRecord file ({e})')
+    return
+  if not raws:
+    on_error('empty_file', f'{path}', 'ArrayRecord file has no records')
+    return
+  for index, raw in enumerate(raws, start=1):
+    where = f'{path}:record {index}'
+    text = decode_utf8(raw, where, 1, on_error)
+    if text is None:
+      continue
+    obj = None
+    if text.lstrip().startswith('{'):
+      try:
+        obj = json.loads(text)
+      except json.JSONDecodeError:
+        obj = None  # Plain text that happens to start with '{'.
+    if isinstance(obj, dict):
+      record = record_from_object(obj, task, d, where, on_error)
+      if record is not None:
+        yield record
+    elif task == 'lm':
+      yield Record(text, origin=where)
+    else:
+      on_error('not_an_object', where, f"task '{task}' needs JSON object records")
+
+
+def read_component(comp: Component, task: str, d, on_error: OnError) -> Iterator[Record]:
+  if comp.kind == 'builtin':
+    yield from _read_builtin(comp, d)
+    return
+  key = 'data.mixture' if d.source == 'mixture' else 'data.paths'
+  for path in expand_paths(comp.paths, key):
+    if comp.kind == 'text':
+      yield from _read_text(path, d, on_error)
+    elif comp.kind == 'jsonl':
+      yield from _read_jsonl(path, task, d, on_error)
+    elif comp.kind == 'parquet':
+      yield from _read_parquet(path, task, d, on_error)
+    else:
+      yield from _read_arrayrecord(path, task, d, on_error)
+
