@@ -8,7 +8,7 @@ import os
 import re
 import sys
 
-from lm import cli
+from lm.errors import UserError
 from lm.evaluate import evaluate_trial
 from lm.sweep import report, runner, spec, state
 from lm.sweep import trials as trials_lib
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate:
       try:
         evaluate_trial(args.evaluate, json.loads(args.evals), is_finetune=args.finetuned)
-      except cli.user_error_types() as e:
+      except UserError as e:
         if args.verbose:
           raise
         print(f'error: {e}', file=sys.stderr)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
       report.aggregate(sweep, trials, workdir)
     print(f'sweep: results in {workdir}/results.csv, results.md and *.png', flush=True)
     return rc
-  except cli.user_error_types() as e:
+  except UserError as e:
     if args.verbose:
       raise
     print(f'error: {e}', file=sys.stderr)
