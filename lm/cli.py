@@ -92,6 +92,8 @@ def define_run_flags(default_config: str):
                                            'Config file (configs/*.py).')
   workdir = flags.DEFINE_string('workdir', '', 'Run directory (default: runs/<config name>).')
   flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors.')
+  for name in ('config', 'workdir', 'verbose'):  # --help lists the main module's key flags.
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   return config, workdir
 
 
@@ -143,9 +145,21 @@ def define_config_overrides(flag_values: flags.FlagValues, argv: list[str], help
                                          flag_values=flag_values, sys_argv=list(argv))
 
 
-def config_overrides(holder) -> dict:
-  """{dotted key: parsed value} of the --config.KEY=VALUE flags given, in command-line order."""
-  return dict(config_flags.get_override_values(holder._flagvalues[holder.name]))
+def config_overrides(config_flag: flags.Flag) -> dict:
+  """{dotted key: parsed value} of the --config.KEY=VALUE flags given (flag_values['config'])."""
+  return dict(config_flags.get_override_values(config_flag))
+
+
+def flag_help(flag_values: flags.FlagValues) -> str:
+  """One entry per flag: --name, its help text and its default."""
+  lines = []
+  for name in sorted(flag_values):
+    flag = flag_values[name]
+    if name != flag.name or '.' in name:  # Aliases and --config.KEY overrides.
+      continue
+    default = '' if flag.default is None or name == 'config' else f' (default: {flag.default_as_str})'
+    lines.append(f'  --{name}: {flag.help}{default}')
+  return '\n'.join(lines)
 
 
 def run_tool(main: Callable[[flags.FlagValues, list[str]], int | None],
@@ -161,8 +175,7 @@ def run_tool(main: Callable[[flags.FlagValues, list[str]], int | None],
   define(flag_values, argv)
   flags.DEFINE_bool('verbose', False, 'Show tracebacks for user errors.', flag_values=flag_values)
   if any(a in ('--help', '-h', '--helpfull') for a in argv[1:]):
-    print(f'usage: {prog} [flags]\n\n{doc.strip()}\n\nflags:\n'
-          + flag_values.get_help(include_special_flags=False))
+    print(f'usage: {prog} [flags]\n\n{doc.strip()}\n\nflags:\n{flag_help(flag_values)}')
     return 0
   try:
     check_command_line(argv)

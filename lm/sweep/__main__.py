@@ -1,94 +1,72 @@
-"""python -m lm.sweep: see lm/sweep/__init__.py."""
+"""python -m lm.sweep --sweep=FILE --workdir=DIR [--parallel=N] [--print_commands] [--aggregate]
+[--config.KEY=VALUE ...]: see lm/sweep/__init__.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import sys
 
-from lm.errors import UserError
+from absl import flags
+
+from lm import cli
+from lm.config import ConfigError
 from lm.evaluate import evaluate_trial
 from lm.sweep import report, runner, spec, state
 from lm.sweep import trials as trials_lib
 
 
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+  def define(kind, name, default, help_text, **kw):
+    getattr(flags, f'DEFINE_{kind}')(name, default, help_text, flag_values=flag_values, **kw)
 
-def parse_overrides(argv: list[str]) -> tuple[dict, list[str]]:
-  """--config.a.b=v arguments (values parsed like Python literals) and the rest."""
-  import ast
-  overrides, rest = {}, []
-  for arg in argv:
-    match = re.match(r'--config\.([\w.]+)=(.*)$', arg, re.S)
-    if not match:
-      rest.append(arg)
-      continue
-    key, text = match.groups()
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    overrides[key] = value
-  return overrides, rest
+  define('string', 'sweep', None, 'Sweep file, configs/sweeps/*.py[:arg].')
+  define('string', 'workdir', None, 'Sweep directory (one sub-directory per trial).')
+  define('integer', 'parallel', 1, 'Trials at once (processes).', lower_bound=1)
+  define('bool', 'print_commands', False, 'Print one command per trial and exit.')
+  define('bool', 'aggregate', False, 'Only (re)write results.csv / results.md / plots.')
+  # The eval helper each trial with `evals` runs after training (see lm.evaluate).
+  define('string', 'evaluate', None, 'Internal: a trial workdir to evaluate.')
+  define('string', 'evals', '{}', 'Internal: JSON {name: {config key: value}} for --evaluate.')
+  define('bool', 'finetuned', False, 'Internal: the trial was a finetune.py run.')
+  flags.DEFINE_alias('print-commands', 'print_commands', flag_values=flag_values)
+  cli.define_config_overrides(flag_values, argv,
+                              '--config.KEY=VALUE (any number) sets KEY in every trial.')
+
+
+def run(args: flags.FlagValues, positional: list[str]) -> int:
+  if positional:
+    raise ConfigError(f'unexpected arguments {positional}')
+  if args.evaluate:
+    evaluate_trial(args.evaluate, json.loads(args.evals), is_finetune=args.finetuned)
+    return 0
+  if not args.sweep or not args.workdir:
+    raise ConfigError('--sweep and --workdir are required (see --help)')
+  sweep = spec.load_sweep(args.sweep)
+  trials = trials_lib.make_trials(sweep, args.workdir, cli.config_overrides(args['config']))
+  if args.print_commands:
+    for trial in trials:
+      print(trial.shell_command())
+    return 0
+  workdir = os.path.abspath(args.workdir)
+  if args.aggregate:
+    report.aggregate(sweep, trials, workdir)
+    print(f'sweep: results in {workdir}/results.md')
+    return 0
+  for trial in trials:
+    state.check_unchanged(trial)
+  print(f'sweep {sweep.name}: {len(trials)} trials in {len(sweep.stages)} stage(s) -> '
+        f'{workdir}', flush=True)
+  with runner.SweepLock(workdir):
+    rc = runner.Runner(sweep, trials, workdir, parallel=args.parallel).run()
+    report.aggregate(sweep, trials, workdir)
+  print(f'sweep: results in {workdir}/results.csv, results.md and *.png', flush=True)
+  return rc
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  overrides, argv = parse_overrides(argv)
-  parser = argparse.ArgumentParser(
-      prog='python -m lm.sweep', description=__doc__.split('\n\n')[0],
-      epilog='--config.KEY=VALUE (any number) sets KEY for every trial of every stage.')
-  parser.add_argument('--sweep', help='sweep file, configs/sweeps/*.py[:arg]')
-  parser.add_argument('--workdir', help='sweep directory (one sub-directory per trial)')
-  parser.add_argument('--parallel', type=int, default=1, help='trials at once (processes)')
-  parser.add_argument('--print-commands', '--print_commands', action='store_true',
-                      dest='print_commands', help='print one command per trial and exit')
-  parser.add_argument('--aggregate', action='store_true',
-                      help='only (re)write results.csv / results.md / plots from the workdir')
-  parser.add_argument('--evaluate', help=argparse.SUPPRESS)  # The eval helper: a trial workdir.
-  parser.add_argument('--evals', default='{}', help=argparse.SUPPRESS)
-  parser.add_argument('--finetuned', action='store_true', help=argparse.SUPPRESS)
-  parser.add_argument('--verbose', action='store_true', help='tracebacks for user errors')
-  args = parser.parse_args(argv)
-  try:
-    if args.evaluate:
-      try:
-        evaluate_trial(args.evaluate, json.loads(args.evals), is_finetune=args.finetuned)
-      except UserError as e:
-        if args.verbose:
-          raise
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-      return 0
-    if not args.sweep or not args.workdir:
-      parser.error('--sweep and --workdir are required')
-    sweep = spec.load_sweep(args.sweep)
-    trials = trials_lib.make_trials(sweep, args.workdir, overrides)
-    if args.print_commands:
-      for trial in trials:
-        print(trial.shell_command())
-      return 0
-    if not args.aggregate:
-      for trial in trials:
-        state.check_unchanged(trial)
-    workdir = os.path.abspath(args.workdir)
-    if args.aggregate:
-      report.aggregate(sweep, trials, workdir)
-      print(f'sweep: results in {workdir}/results.md')
-      return 0
-    print(f'sweep {sweep.name}: {len(trials)} trials in {len(sweep.stages)} stage(s) -> '
-          f'{workdir}', flush=True)
-    with runner.SweepLock(workdir):
-      rc = runner.Runner(sweep, trials, workdir, parallel=args.parallel).run()
-      report.aggregate(sweep, trials, workdir)
-    print(f'sweep: results in {workdir}/results.csv, results.md and *.png', flush=True)
-    return rc
-  except UserError as e:
-    if args.verbose:
-      raise
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  return cli.run_tool(run, define_flags, argv, prog='python -m lm.sweep',
+                      doc=sys.modules['lm.sweep'].__doc__)
 
 
 if __name__ == '__main__':
