@@ -19,7 +19,7 @@ import sys
 import threading
 from typing import Callable
 
-from absl import flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm import config as config_lib
@@ -99,8 +99,6 @@ def define_run_flags(default_config: str):
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
   """absl.app.run(main) with one-line errors for user mistakes."""
-  from absl import app
-
   argv = list(sys.argv if argv is None else argv)
   verbose = '--verbose' in argv or '--verbose=true' in argv
   precheck(argv)
@@ -108,7 +106,6 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
   def guarded(args):
     if not verbose:
       # Orbax and JAX log every save at INFO; a person wants the progress lines.
-      from absl import logging
       logging.set_verbosity(logging.WARNING)
       logging.get_absl_handler().addFilter(_one_line_records)
     try:

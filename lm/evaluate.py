@@ -14,12 +14,14 @@ parallel); import them from here so callers do not move again when they do.
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 from lm import checkpoint, loop
 from lm import config as config_lib
 from lm.loop import evaluate, macro_f1, make_eval_fn
-from lm.sweep.state import EVALS_FILE, read_json, write_json
+
+EVALS_FILE = 'sweep_evals.json'  # In the run's workdir: {eval name: metrics}.
 
 __all__ = ['evaluate', 'evaluate_trial', 'macro_f1', 'make_eval_fn']
 
@@ -34,7 +36,7 @@ def evaluate_trial(workdir: str, evals: dict[str, dict], is_finetune: bool = Fal
   workdir = os.path.abspath(workdir)
   cfg = checkpoint.read_config(workdir)
   path = os.path.join(workdir, EVALS_FILE)
-  results = read_json(path) or {}
+  results = _read_results(path)
   params = None
   for name, overrides in evals.items():
     eval_cfg = config_lib.override(copy.deepcopy(cfg), overrides)
@@ -43,6 +45,21 @@ def evaluate_trial(workdir: str, evals: dict[str, dict], is_finetune: bool = Fal
       params = checkpoint.load_params(workdir, run.abstract_params)
     results[name] = evaluate(run, make_eval_fn(run), params)
     print(f'eval {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results[name].items()))
-  write_json(path, results)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(results, f, indent=1)
+  os.replace(tmp, path)  # Atomic: a killed evaluation leaves the previous results whole.
   return results
+
+
+def _read_results(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise checkpoint.CheckpointError(f'{path}: not valid JSON ({e}); delete it to evaluate '
+                                     f'again') from None
 

@@ -26,10 +26,11 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from lm import cli
+from lm import build, cli
 from lm import model as lm_model
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError
+from lm.convert import resolve_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,20 +181,8 @@ def greedy_reference(model_cfg, params, prompts: Sequence[Sequence[int]],
 
 
 def load_checkpoint(path) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) of an lm checkpoint or lm.convert output directory, with the params
-  checked against the model the config builds (LoRA adapters included) and placed on one device."""
-  from lm import checkpoint
-  from lm.convert import resolve_checkpoint
-
-  ckpt = resolve_checkpoint(path)
-  cfg = checkpoint.read_config(ckpt)
-  finetune = cfg.finetune if cfg.finetune.lora_rank > 0 else None
-  model = lm_model.build_model(cfg.model, finetune)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          nn.meta.unbox(shapes['params']))
-  return cfg, checkpoint.load_params(ckpt, abstract)
+  """(config, params) of an lm checkpoint or lm.convert output directory, on one device."""
+  return build.load_checkpoint(resolve_checkpoint(path))
 
 
 # --------------------------------------------------------------------------- CLI

@@ -113,6 +113,7 @@ def pivot_markdown(rows: list[dict], table: Table) -> str:
 
 
 def _plt():
+  # matplotlib (heavy, needed only when a sweep draws) stays off every other start-up path.
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import signal
@@ -21,7 +22,6 @@ from lm.sweep.trials import Trial
 def _die_with_parent():
   """Linux: a trial gets SIGTERM (save and stop) if the sweep process is killed outright."""
   try:
-    import ctypes
     ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):
     pass

@@ -6,14 +6,16 @@ import json
 import os
 from typing import Any, Sequence
 
+from lm import data
+from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError
 from lm.errors import UserError
+from lm.evaluate import EVALS_FILE
 from lm.sweep.spec import Sweep
 from lm.sweep.trials import Trial
 
 DONE = 'done.json'
 TRIAL_FILE = 'sweep_trial.json'
-EVALS_FILE = 'sweep_evals.json'
 LOG = 'log.txt'
 
 
@@ -128,7 +130,6 @@ _TOKENS_CACHE: dict[str, int] = {}
 
 def train_tokens(trial: Trial) -> int:
   """Tokens (with bos/eos) in the trial's training split, under the trial's tokenizer."""
-  from lm import data, tokenizer as tokenizer_lib
   tokenizer = tokenizer_lib.Tokenizer.load(os.path.join(trial.workdir, 'tokenizer.model'))
   task = trial.cfg.finetune.task if trial.script == 'finetune.py' else 'lm'
   key = json.dumps([tokenizer.fingerprint, data.source_key(trial.cfg, task),
