@@ -105,3 +105,18 @@ def test_the_cycle_finder_finds_a_cycle_through_function_level_imports():
   assert cycles({'a': {'b'}, 'b': set()}) == []
   graph = import_graph()
   assert 'lm.checkpoint' in graph['lm.loop'] and 'lm.generate' in graph['lm.loop']  # Local.
+
+
+def test_no_test_module_imports_another():
+  """Shared helpers live in tests/helpers.py or conftest.py fixtures."""
+  tests = os.path.join(ROOT, 'tests')
+  offenders = []
+  for name in sorted(os.listdir(tests)):
+    if not name.endswith('.py'):
+      continue
+    path = os.path.join(tests, name)
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+               [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+      offenders += [f'{name}: {n}' for n in names if n.split('.')[0].startswith('test_')]
+  assert not offenders, offenders
