@@ -152,9 +152,10 @@ def flag_help(flag_values: flags.FlagValues) -> str:
   lines = []
   for name in sorted(flag_values):
     flag = flag_values[name]
-    if name != flag.name or '.' in name:  # Aliases and --config.KEY overrides.
+    if name != flag.name or '.' in name:  # Short names; --config.KEY overrides.
       continue
-    default = '' if flag.default is None or name == 'config' else f' (default: {flag.default_as_str})'
+    shown = flag.default is not None and name != 'config'
+    default = f' (default: {flag.default_as_str})' if shown else ''
     lines.append(f'  --{name}: {flag.help}{default}')
   return '\n'.join(lines)
 

@@ -101,8 +101,8 @@ def test_config_overrides_are_parsed_by_ml_collections_with_the_configs_types():
   flag_values = flags.FlagValues()
   cli.define_config_overrides(flag_values, argv, 'overrides')
   flag_values(argv)
-  assert cli.config_overrides(flag_values['config']) == {'train.steps': 7, 'finetune.freeze': ('embed/.*',),
-                                          'optim.lr': 0.5}
+  assert cli.config_overrides(flag_values['config']) == {
+      'train.steps': 7, 'finetune.freeze': ('embed/.*',), 'optim.lr': 0.5}
 
 
 @pytest.mark.parametrize('tool, expected', [
