@@ -315,3 +315,45 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _require(f.task != 'classify' or cfg.model.num_classes > 1, 'model.num_classes',
            "task 'classify' needs model.num_classes >= 2")
   return cfg
+
+
+# --------------------------------------------------------------------------- dotted keys
+
+
+def tuples(value):
+  """Lists (from JSON or a sweep file) as the tuples config fields hold."""
+  if isinstance(value, (list, tuple)):
+    return tuple(tuples(v) for v in value)
+  return value
+
+
+def check_key(key: str, reference: ConfigDict | None = None, *, leaf: bool = False):
+  """The value at dotted `key` ('optim.lr') of reference (the base config by default).
+
+  The one walk over dotted keys (command-line overrides, sweeps, evaluations); an unknown key
+  is a ConfigError naming it and the closest real key; with leaf=True a section is refused too.
+  """
+  node = reference if reference is not None else base_config()
+  parts = key.split('.')
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ConfigDict) or part not in node:
+      options = list(node.keys()) if isinstance(node, ConfigDict) else []
+      raise ConfigError(f"unknown config key '{'.'.join(parts[:depth + 1])}'"
+                        f'{_closest(part, options)}')
+    node = node[part]
+  if leaf and isinstance(node, ConfigDict):
+    raise ConfigError(f"config key '{key}' is a section; set one of its keys")
+  return node
+
+
+def override(cfg: ConfigDict, overrides: dict) -> ConfigDict:
+  """Sets each dotted key of `overrides` in cfg (in place, type-checked by ml_collections)."""
+  for key, value in overrides.items():
+    check_key(key, cfg, leaf=True)
+    section, _, name = key.rpartition('.')
+    node = check_key(section, cfg) if section else cfg
+    try:
+      node[name] = tuples(value)
+    except (TypeError, ValueError, KeyError) as e:
+      raise ConfigError(f'config key {key}: cannot use {value!r} ({e})') from None
+  return cfg

@@ -31,8 +31,8 @@ import functools
 import hashlib
 import inspect
 import os
+import json
 import pathlib
-import pickle
 import sys
 import sysconfig
 import tempfile
@@ -213,7 +213,7 @@ def cache_key(root: pathlib.Path | None = None) -> str:
 
 def _cache_path(root: pathlib.Path) -> pathlib.Path:
   version = f'{sys.version_info.major}.{sys.version_info.minor}'
-  return cache_dir() / 'corpus' / f'stdlib-{version}-{cache_key(root)}.pkl'
+  return cache_dir() / 'corpus' / f'stdlib-{version}-{cache_key(root)}.json'
 
 
 def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
@@ -230,14 +230,17 @@ def all_documents() -> tuple[Document, ...]:
   """Every document of every subset, from the on-disk cache when it is there."""
   root = stdlib_root()
   path = _cache_path(root)
+  # Plain JSON (a list of field lists), never pickle: loading the cache must not be able to
+  # run code, whoever could write to the cache directory.
   try:
-    with open(path, 'rb') as f:
-      return tuple(Document(*fields) for fields in pickle.load(f))
-  except (OSError, EOFError, pickle.UnpicklingError, TypeError):
-    pass  # No cache yet, or an unreadable one: rebuild.
+    with open(path, encoding='utf-8') as f:
+      return tuple(Document(*fields) for fields in json.load(f))
+  except (OSError, ValueError, TypeError):
+    pass  # No cache yet, or an unreadable one (a cache, not data): rebuild it.
   docs = extract_documents(root)
   try:
-    _write_atomically(path, pickle.dumps([dataclasses.astuple(d) for d in docs], protocol=5))
+    _write_atomically(path, json.dumps([dataclasses.astuple(d) for d in docs],
+                                       ensure_ascii=False).encode('utf-8'))
   except OSError:
     pass  # A read-only home only costs the extraction time again.
   return docs

@@ -2,6 +2,7 @@
 
     python -m lm.generate --checkpoint=DIR --prompt="The capital of France is" \
         [--prompt=...] [--max_new_tokens=32 --temperature=0 --top_k=0 --top_p=1 --stop=...]
+    python -m lm.generate --help     (every flag)
 
 Prompts of unequal length are left-padded: padding has segment id 0, so no query attends to it,
 and every row's positions start at 0 on its first real token. The cache (model.decode=True) is
@@ -13,7 +14,6 @@ when every row has hit a stop token).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -24,8 +24,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 
+from lm import build, cli
 from lm import model as lm_model
+from lm import tokenizer as tokenizer_lib
+from lm.config import ConfigError
+from lm.convert import resolve_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,89 +181,80 @@ def greedy_reference(model_cfg, params, prompts: Sequence[Sequence[int]],
 
 
 def load_checkpoint(path) -> tuple[ml_collections.ConfigDict, Any]:
-  """(config, params) of an lm checkpoint or lm.convert output directory, with the params
-  checked against the model the config builds (LoRA adapters included) and placed on one device."""
-  from lm import checkpoint
-  from lm.convert import resolve_checkpoint
-
-  ckpt = resolve_checkpoint(path)
-  cfg = checkpoint.read_config(ckpt)
-  finetune = cfg.finetune if cfg.finetune.lora_rank > 0 else None
-  model = lm_model.build_model(cfg.model, finetune)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
-                          nn.meta.unbox(shapes['params']))
-  return cfg, checkpoint.load_params(ckpt, abstract)
+  """(config, params) of an lm checkpoint or lm.convert output directory, on one device."""
+  return build.load_checkpoint(resolve_checkpoint(path))
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m lm.generate', description=__doc__.split('\n')[0])
-  p.add_argument('--checkpoint', required=True,
-                 help='an lm checkpoint directory, or an lm.convert output directory')
-  p.add_argument('--prompt', action='append', default=[], help='repeat for a batch')
-  p.add_argument('--max_new_tokens', type=int, default=32)
-  p.add_argument('--temperature', type=float, default=0.0)
-  p.add_argument('--top_k', type=int, default=0)
-  p.add_argument('--top_p', type=float, default=1.0)
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--stop', action='append', default=[],
-                 help='extra stop token: a piece (e.g. "<end_of_turn>") or an integer id; '
-                      'the tokenizer\'s eos is always one')
-  p.add_argument('--no_bos', action='store_true', help='do not prepend the tokenizer\'s bos')
-  p.add_argument('--repeat', type=int, default=1, help='run N times; later runs are warm')
-  return p.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  def define(kind, name, default, help_text):
+    getattr(flags, f'DEFINE_{kind}')(name, default, help_text, flag_values=flag_values)
+
+  define('string', 'checkpoint', None,
+         'An lm checkpoint directory (or run workdir), or an lm.convert output directory.')
+  define('multi_string', 'prompt', [], 'A prompt; repeat for a batch.')
+  define('integer', 'max_new_tokens', 32, 'Tokens to generate per prompt.')
+  define('float', 'temperature', 0.0, 'Sampling temperature; 0 is greedy.')
+  define('integer', 'top_k', 0, 'Keep the k most likely tokens (0: all).')
+  define('float', 'top_p', 1.0, 'Keep the smallest set of tokens with this mass (1: all).')
+  define('integer', 'seed', 0, 'Sampling seed.')
+  define('multi_string', 'stop', [], "Extra stop token: a piece (e.g. '<end_of_turn>') or an "
+         "integer id; the tokenizer's eos is always one.")
+  define('bool', 'no_bos', False, "Do not prepend the tokenizer's bos.")
+  define('integer', 'repeat', 1, 'Run N times; later runs are warm.')
 
 
-def _stop_ids(sp, stops: Sequence[str]) -> list[int]:
-  ids = [sp.eos_id()] if sp.eos_id() >= 0 else []
+def stop_ids(tok, stops: Sequence[str]) -> list[int]:
+  """The tokenizer's eos plus each --stop (an id, or a piece of the vocabulary)."""
+  ids = [tok.eos_id] if tok.eos_id >= 0 else []
+  pieces = None
   for s in stops:
     if s.lstrip('-').isdigit():
       ids.append(int(s))
-    elif sp.piece_to_id(s) != sp.unk_id() or s == sp.id_to_piece(sp.unk_id()):
-      ids.append(sp.piece_to_id(s))
-    else:
-      raise SystemExit(f'--stop={s!r}: not a piece of the tokenizer')
+      continue
+    if pieces is None:
+      pieces = {tok.id_to_piece(i): i for i in range(tok.vocab_size)}
+    if s not in pieces:
+      raise ConfigError(f'--stop={s!r}: not a piece of the tokenizer')
+    ids.append(pieces[s])
   return ids
 
 
-def main(argv=None) -> int:
-  import sentencepiece as spm
-
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
+def run(args: flags.FlagValues, positional: list[str]) -> int:
+  if positional:
+    raise ConfigError(f'unexpected arguments {positional}')
+  if not args.checkpoint:
+    raise ConfigError('--checkpoint is required (see --help)')
   if not args.prompt:
-    raise SystemExit('give at least one --prompt')
-  from lm.checkpoint import CheckpointError
-  from lm.convert import ConvertError
-  try:
-    cfg, params = load_checkpoint(args.checkpoint)
-  except (CheckpointError, ConvertError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise ConfigError('give at least one --prompt')
+  cfg, params = load_checkpoint(args.checkpoint)
   if not cfg.tokenizer.path:
-    raise SystemExit(f'{args.checkpoint}: its config has no tokenizer.path')
-  sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer.path)
-  bos = [] if args.no_bos or sp.bos_id() < 0 else [sp.bos_id()]
-  prompts = [bos + sp.encode(p) for p in args.prompt]
+    raise ConfigError(f'{args.checkpoint}: its config has no tokenizer.path')
+  tok = tokenizer_lib.Tokenizer.load(cfg.tokenizer.path)
+  bos = [] if args.no_bos or tok.bos_id < 0 else [tok.bos_id]
+  prompts = [bos + tok.encode(p) for p in args.prompt]
   finetune = cfg.finetune if cfg.finetune.lora_rank > 0 else None
   gen = Generator(cfg.model, params, finetune)
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  pad = sp.pad_id() if sp.pad_id() >= 0 else 0
-  for run in range(args.repeat):
-    outs, t = gen.generate(prompts, args.max_new_tokens, sampling, _stop_ids(sp, args.stop),
-                           args.seed, pad)
+  stops = stop_ids(tok, args.stop)
+  for run_index in range(args.repeat):
+    outs, t = gen.generate(prompts, args.max_new_tokens, sampling, stops, args.seed, tok.pad_id)
     for prompt, out in zip(args.prompt, outs):
-      print(f'--- {prompt!r}\n{prompt}{sp.decode(out)}')
+      print(f'--- {prompt!r}\n{prompt}{tok.decode(out)}')
     total = t['prefill_s'] + t['decode_s']
-    print(f"[run {run + 1}] prompt {t['prompt_tokens']} tokens in {t['prefill_s']:.2f}s; "
+    print(f"[run {run_index + 1}] prompt {t['prompt_tokens']} tokens in {t['prefill_s']:.2f}s; "
           f"{t['new_tokens']} new tokens in {t['decode_s']:.2f}s "
           f"({t['new_tokens'] / max(t['decode_s'], 1e-9):.1f} tokens/s decode, "
           f"{t['new_tokens'] / max(total, 1e-9):.1f} tokens/s overall"
-          + (', includes compilation' if run == 0 else '') + ')')
+          + (', includes compilation' if run_index == 0 else '') + ')')
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run_tool(run, define_flags, argv, prog='python -m lm.generate', doc=__doc__)
 
 
 if __name__ == '__main__':

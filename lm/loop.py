@@ -254,7 +254,9 @@ class StopSignal:
       from jax.experimental import multihost_utils
       try:
         synced = multihost_utils.reached_preemption_sync_point(step)
-      except (RuntimeError, ValueError):
+      except (RuntimeError, ValueError) as e:  # No sync service: the signal flags still agree.
+        logging.log_first_n(logging.WARNING, 'preemption sync point unavailable (%s); stopping '
+                            'on SIGTERM/SIGINT only', 1, e)
         synced = False
       local = np.array([self.requested], np.int32)
       any_requested = bool(np.max(multihost_utils.process_allgather(local)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -140,7 +140,3 @@ def sharded_bytes(abstract_tree, shardings) -> int:
     shard_shape = sharding.shard_shape(leaf.shape)
     total += math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
   return total
-
-
-def tree_shardings_like(tree: Any, sharding) -> Any:
-  return jax.tree.map(lambda _: sharding, tree)

@@ -21,9 +21,11 @@ import json
 import os
 import sys
 
+from absl import flags
 from etils import epath
 
-from lm import corpus
+from lm import cli, corpus
+from lm.config import ConfigError
 
 TASK_DATA = ('docstring_sft', 'package_classify')
 
@@ -79,7 +81,7 @@ def build(task_data: str, out_path: str | os.PathLike) -> epath.Path:
   elif task_data == 'package_classify':
     examples = package_classify_examples()
   else:
-    raise ValueError(f'config key finetune.task_data: unknown {task_data!r} (choose from {TASK_DATA})')
+    raise ConfigError(f'config key finetune.task_data: unknown {task_data!r} (choose from {TASK_DATA})')
   out_path.parent.mkdir(parents=True, exist_ok=True)
   tmp = out_path.parent / (out_path.name + '.tmp')
   tmp.write_text(''.join(json.dumps(e) + '\n' for e in examples))
@@ -87,16 +89,24 @@ def build(task_data: str, out_path: str | os.PathLike) -> epath.Path:
   return out_path
 
 
-def main(argv: list[str]) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--task', choices=TASK_DATA, required=True)
-  parser.add_argument('--out', required=True)
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  flags.DEFINE_enum('task', None, TASK_DATA, 'Which task data to build.', flag_values=flag_values)
+  flags.DEFINE_string('out', None, 'The JSONL file to write.', flag_values=flag_values)
+
+
+def run(args: flags.FlagValues, positional: list[str]) -> int:
+  if positional or not args.task or not args.out:
+    raise ConfigError('usage: python -m lm.tasks --task=NAME --out=FILE.jsonl (see --help)')
   path = build(args.task, args.out)
-  print(f'{path}: {sum(1 for _ in open(path))} examples')
+  with open(path) as f:
+    print(f'{path}: {sum(1 for _ in f)} examples')
   return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+  return cli.run_tool(run, define_flags, argv, prog='python -m lm.tasks', doc=__doc__)
+
+
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main())

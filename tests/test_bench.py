@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from lm import config, metrics, model as model_lib, op_profile, step, torch_reference
-from test_train import ROOT, load_config_file
+from helpers import ROOT, load_config_file
 
 
 def bench_config(**model_overrides):

@@ -6,14 +6,12 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from lm import checkpoint, config, finetune, lora, loop, optim, step
 from lm import model as model_lib
-from test_model import host_params, random_batch, tiny_model_cfg
-from test_train import tiny_config
+from helpers import host_params, random_batch, tiny_config, tiny_model_cfg
 
 
 def make_state(model, params, trainable, optim_cfg=None):

@@ -4,11 +4,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from lm import memory
-from test_train import ROOT, load_config_file
+from helpers import ROOT, load_config_file
 
 MB = 2**20
 

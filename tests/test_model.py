@@ -1,38 +1,12 @@
 """Model core: mesh-invariance, real sharding, scan/remat equivalence, masks, learning, errors."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lm import config, model as model_lib, optim, sharding, step
-
-
-def tiny_model_cfg(**overrides):
-  m = config.model_config()
-  # Query chunks of 8 on 16-token rows: every test below also runs the chunked attention path.
-  m.update(dict(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, mlp_dim=128,
-                attn_query_chunk=8))
-  m.update(overrides)
-  return m
-
-
-def random_batch(B=8, T=16, vocab=256, seed=0, docs_per_row=1):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab, (B, T + 1)).astype(np.int32)
-  segment_ids = np.ones((B, T), np.int32)
-  positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
-  if docs_per_row == 2:
-    segment_ids[:, T // 2:] = 2
-    positions[:, T // 2:] -= T // 2
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segment_ids,
-              positions=positions, loss_mask=np.ones((B, T), np.float32))
-
-
-def host_params(model, T=16, seed=0):
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
-  return jax.device_get(nn.meta.unbox(variables['params']))
+from helpers import host_params, random_batch, tiny_model_cfg
 
 
 def loss_and_grads(model, params, batch):

@@ -21,8 +21,7 @@ import pytest
 from lm import checkpoint, config, data, loop
 from lm import tokenizer as tokenizer_lib
 from lm import model as model_lib
-from test_data import make_texts, write_jsonl
-from test_train import ROOT, TINY_OVERRIDES, cli_args, losses, tiny_config
+from helpers import ROOT, TINY_OVERRIDES, cli_args, losses, make_texts, tiny_config, write_jsonl
 
 # The tiny run of test_train, 4 steps, checkpoints at 2 and 4, two logical data shards.
 OVERRIDES = {**TINY_OVERRIDES, 'train.steps': 4, 'train.checkpoint_every': 2,

@@ -25,7 +25,7 @@ import pytest
 from lm import checkpoint, corpus, loop
 from lm import model as model_lib
 from lm.config import ConfigError
-from test_train import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12

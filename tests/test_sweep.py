@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from lm import sweep as sweep_lib
+from lm.sweep.__main__ import main as sweep_main
 from lm.config import ConfigError
-from lm.sweep import Stage, Sweep, Table
+from lm.errors import UserError
+from lm.sweep import Stage, Sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,6 +124,19 @@ def test_a_bad_key_or_value_fails_before_any_trial_runs_naming_the_key(tmp_path,
   assert not (tmp_path / 'sweep').exists()
 
 
+def test_corrupt_trial_state_is_one_error_naming_the_file_not_a_missing_record(tmp_path):
+  trial, = sweep_lib.make_trials(Sweep(name='s', stages=[stage(overrides={'train.steps': 5})]),
+                                 str(tmp_path))
+  assert sweep_lib.status(trial) == 'pending'  # No state file: no record.
+  os.makedirs(trial.workdir)
+  path = os.path.join(trial.workdir, 'sweep_trial.json')
+  with open(path, 'w') as f:
+    f.write('{"runs": [{"outcome": "fai')  # Cut short, e.g. by a full disk.
+  with pytest.raises(sweep_lib.SweepStateError, match=f'{path}: not valid JSON'):
+    sweep_lib.status(trial)
+  assert issubclass(sweep_lib.SweepStateError, UserError)
+
+
 def write_sweep_file(path, **stage_kw):
   path.write_text(f'''
 from lm.sweep import Stage, Sweep, Table
@@ -152,7 +167,7 @@ def test_cli_bad_key_exits_2_naming_it_and_runs_nothing(tmp_path):
 
 def test_print_commands_prints_one_train_command_per_trial(tmp_path, capsys):
   path = write_sweep_file(tmp_path / 'sweep.py')
-  assert sweep_lib.main([f'--sweep={path}', f'--workdir={tmp_path / "w"}', '--print-commands',
+  assert sweep_main([f'--sweep={path}', f'--workdir={tmp_path / "w"}', '--print-commands',
                          '--config.train.log_every=5']) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 4 and all(l.startswith('python train.py --config=configs/tiny.py ') for l in lines)

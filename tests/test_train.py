@@ -1,7 +1,6 @@
 """train.py end to end: exact resume after SIGTERM, mesh change, warm start, configs, errors."""
 
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -13,58 +12,8 @@ import pytest
 
 from lm import checkpoint, config, loop
 from lm import model as model_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny, fast pre-training run on the built-in corpus (shared by the tests in this file).
-TINY_OVERRIDES = {
-    'model.d_model': 64, 'model.n_layers': 2, 'model.n_heads': 4, 'model.n_kv_heads': 2,
-    'model.mlp_dim': 128, 'tokenizer.vocab_size': 320, 'tokenizer.byte_fallback': False,
-    'tokenizer.character_coverage': 0.995, 'data.seq_len': 32, 'data.batch_size': 8,
-    'data.train_fraction': 0.1, 'train.steps': 20, 'train.log_every': 1, 'train.eval_every': 0,
-    'train.eval_batches': 2, 'train.checkpoint_every': 100, 'train.sample_tokens': 0,
-    'optim.warmup_steps': 5, 'mesh.data': 8, 'mesh.fsdp': 1,
-}
-
-
-def load_config_file(path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('shipped_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def tiny_config(**overrides):
-  """configs/tiny.py shrunk by TINY_OVERRIDES: what train.py builds from the same flags."""
-  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'))
-  cfg.name = 'tiny_test'
-  for key, value in {**TINY_OVERRIDES, **overrides}.items():
-    section, name = key.split('.')
-    cfg[section][name] = value
-  return cfg
-
-
-def cli_args(overrides: dict) -> list[str]:
-  return [f'--config.{k}={v}' for k, v in overrides.items()]
-
-
-def losses(workdir) -> dict[int, float]:
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'train/loss' in record:
-        out[record['step']] = record['train/loss']
-  return out
-
-
-def train_env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-  env['PYTHONPATH'] = ROOT
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+from helpers import (ROOT, TINY_OVERRIDES, cli_args, load_config_file, losses, tiny_config,
+                     train_env)
 
 
 def final_params(workdir):
@@ -193,15 +142,3 @@ def test_unwritable_workdir_fails_before_compilation(tmp_path):
   result = run_train_cli(f'--workdir={blocker}/run')
   assert result.returncode == 2
   assert 'is not writable' in result.stderr and 'Traceback' not in result.stderr
-
-
-def test_handling_an_error_imports_nothing_that_could_mask_it():
-  """cli.user_error_types() runs while an exception is in flight: it must not import modules
-  (grain, orbax) whose absence would replace the real error with an ImportError."""
-  code = ('import sys; from lm import cli; '
-          'assert cli.user_error_types() == (cli.config_lib.ConfigError,); '
-          "assert 'lm.data' not in sys.modules and 'grain' not in sys.modules; "
-          'from lm import data; assert data.DataError in cli.user_error_types()')
-  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
-  assert result.returncode == 0, result.stderr

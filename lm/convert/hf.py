@@ -571,10 +571,11 @@ def export_params(flat: dict[str, np.ndarray], cfg: ml_collections.ConfigDict,
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       dtype: str = 'float32', log=print) -> pathlib.Path:
   """lm checkpoint (as written by lm.checkpoint.save_params, or a converted OUT_DIR) -> HF dir."""
-  from lm import generate
+  from lm import build
   from lm import model as lm_model
+  from lm.convert import resolve_checkpoint
 
-  cfg, params = generate.load_checkpoint(ckpt_dir)
+  cfg, params = build.load_checkpoint(resolve_checkpoint(ckpt_dir))
   out = export_params(lm_model.flatten_params(params), cfg, out_dir, dtype)
   log(f'{ckpt_dir} -> {out} (Hugging Face {family_of_lm(cfg.model)})')
   return out

@@ -1,0 +1,110 @@
+"""Helpers shared by the test modules (no test module imports another)."""
+
+import importlib.util
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny, fast pre-training run on the built-in corpus (shared by the tests in this file).
+TINY_OVERRIDES = {
+    'model.d_model': 64, 'model.n_layers': 2, 'model.n_heads': 4, 'model.n_kv_heads': 2,
+    'model.mlp_dim': 128, 'tokenizer.vocab_size': 320, 'tokenizer.byte_fallback': False,
+    'tokenizer.character_coverage': 0.995, 'data.seq_len': 32, 'data.batch_size': 8,
+    'data.train_fraction': 0.1, 'train.steps': 20, 'train.log_every': 1, 'train.eval_every': 0,
+    'train.eval_batches': 2, 'train.checkpoint_every': 100, 'train.sample_tokens': 0,
+    'optim.warmup_steps': 5, 'mesh.data': 8, 'mesh.fsdp': 1,
+}
+
+
+def load_config_file(path):
+  spec = importlib.util.spec_from_file_location('shipped_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py shrunk by TINY_OVERRIDES: what train.py builds from the same flags."""
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'tiny.py'))
+  cfg.name = 'tiny_test'
+  for key, value in {**TINY_OVERRIDES, **overrides}.items():
+    section, name = key.split('.')
+    cfg[section][name] = value
+  return cfg
+
+
+def cli_args(overrides: dict) -> list[str]:
+  return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+def losses(workdir) -> dict[int, float]:
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      record = json.loads(line)
+      if 'train/loss' in record:
+        out[record['step']] = record['train/loss']
+  return out
+
+
+def train_env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['PYTHONPATH'] = ROOT
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+# --------------------------------------------------------------------------- model tests
+
+
+def tiny_model_cfg(**overrides):
+  m = config.model_config()
+  # Query chunks of 8 on 16-token rows: every model test also runs the chunked attention path.
+  m.update(dict(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, mlp_dim=128,
+                attn_query_chunk=8))
+  m.update(overrides)
+  return m
+
+
+def random_batch(B=8, T=16, vocab=256, seed=0, docs_per_row=1):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab, (B, T + 1)).astype(np.int32)
+  segment_ids = np.ones((B, T), np.int32)
+  positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
+  if docs_per_row == 2:
+    segment_ids[:, T // 2:] = 2
+    positions[:, T // 2:] -= T // 2
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=segment_ids,
+              positions=positions, loss_mask=np.ones((B, T), np.float32))
+
+
+def host_params(model, T=16, seed=0):
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
+  return jax.device_get(nn.meta.unbox(variables['params']))
+
+
+# --------------------------------------------------------------------------- data
+
+
+WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi '
+         'rho sigma tau upsilon phi chi psi omega').split()
+
+
+def make_texts(n, seed=0, min_words=8, max_words=120):
+  rng = np.random.default_rng(seed)
+  return [f'doc {i}: ' + ' '.join(rng.choice(WORDS, rng.integers(min_words, max_words)))
+          for i in range(n)]
+
+
+def write_jsonl(path, rows):
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return str(path)
