@@ -348,6 +348,12 @@ def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...],
           for p, m in model_lib.flatten_params(tree['params']).items()}
 
 
+def _both_floating(a, b) -> bool:
+  """Float params restore into another float dtype (Orbax casts on read): a bfloat16 import
+  fine-tunes with float32 params when the run asks for them."""
+  return all(jax.numpy.issubdtype(np.dtype(x), jax.numpy.floating) for x in (a, b))
+
+
 def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = '') -> None:
   """One error listing every missing, unexpected, mis-shaped or mis-typed parameter path."""
   from lm.optim import path_matches
@@ -359,7 +365,7 @@ def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = 
         problems.append(f'missing {path} (expected {shape} {dtype})')
     elif saved[path][0] != shape:
       problems.append(f'shape mismatch {path}: checkpoint {saved[path][0]}, model {shape}')
-    elif saved[path][1] != dtype:
+    elif saved[path][1] != dtype and not _both_floating(saved[path][1], dtype):
       problems.append(f'dtype mismatch {path}: checkpoint {saved[path][1]}, model {dtype}')
   for path in saved:
     if path not in expected:

@@ -162,7 +162,7 @@ def test_lm_to_hf_to_lm_is_exact(tmp_path, kind, cfg):
   full = lm_config.base_config()
   full.model = m
   params = random_lm_params(m)
-  chf.export_params(params, full, tmp_path / 'hf')
+  chf.export_params(params, full, tmp_path / 'hf', dtype='float32')
   back, m2 = chf.load_hf_params(tmp_path / 'hf')
   assert m2.to_dict() == m.to_dict()
   assert set(back) == set(params)
@@ -190,7 +190,7 @@ def test_export_merges_lora_and_transformers_loads_it(tmp_path, scan):
     cfg.model.scan_layers = True
     params = lm_model.flatten_params(lm_model.stack_layers(
         lm_model.unflatten_params(params), cfg.model.n_layers))
-  chf.export_params(params, cfg, tmp_path)
+  chf.export_params(params, cfg, tmp_path, dtype='float32')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert np.abs(with_lora - torch_logits(reloaded, tokens)).max() <= TOL
 
@@ -199,8 +199,8 @@ def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
   from lm import config as lm_config
   cfg = lm_config.base_config()
   cfg.model.vocab_size = 64
-  cfg.model.post_attn_norm = True  # Neither Llama nor Gemma 3.
-  with pytest.raises(ConvertError, match='neither Llama'):
+  cfg.model.post_attn_norm = True  # Neither Llama-like nor Gemma 3.
+  with pytest.raises(ConvertError, match='matches no Hugging Face family.*post_attn_norm=True'):
     chf.export_params(random_lm_params(cfg.model), cfg, tmp_path)
 
 
@@ -252,7 +252,8 @@ def write_gguf(path, arch, hf, model, quantized=(), skip=(), arch_name=None):
   w.add_pad_token_id(0)
   w.add_add_space_prefix(arch == 'llama')
   n, tied = c.num_hidden_layers, c.tie_word_embeddings
-  hf_name_of = {path_: name for name, (path_, _) in chf.tensor_table(arch, n, tied).items()}
+  lm_cfg = chf.model_config_from_hf(json.loads(c.to_json_string()))
+  hf_name_of = {path_: name for name, (path_, _) in chf.tensor_table(arch, lm_cfg).items()}
   table = {hf_name_of[path_]: gname for gname, (path_, _) in cgguf.tensor_table(arch, n, tied).items()}
   for name, x in model.state_dict().items():
     if name not in table:
@@ -381,8 +382,8 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
 
 def test_unsupported_options_are_named(tmp_path):
   bad = json.loads(transformers.LlamaConfig(**LLAMA_TIED).to_json_string())
-  with pytest.raises(ConvertError, match='attention_bias'):
-    chf.model_config_from_hf({**bad, 'attention_bias': True})
+  with pytest.raises(ConvertError, match='mlp_bias'):
+    chf.model_config_from_hf({**bad, 'mlp_bias': True})
   with pytest.raises(ConvertError, match="rope_type='yarn'"):
     chf.model_config_from_hf({**bad, 'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0}})
   with pytest.raises(ConvertError, match='not periodic'):
@@ -429,7 +430,7 @@ def test_cli_reports_one_clear_error(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       f"error: {tmp_path / 'config.json'}: unsupported architecture model_type='mamba' "
-      "(supported: ['gemma3', 'gemma3_text', 'llama'])"]
+      "(supported: ['gemma3', 'gemma3_text', 'llama', 'mistral', 'qwen2', 'qwen3'])"]
 
 
 def test_convert_writes_checkpoint_and_is_cached(tmp_path):
@@ -470,7 +471,7 @@ def test_export_from_checkpoint_round_trips(tmp_path):
       tokens, scores, types, unk_id=3, bos_id=2, eos_id=1))
   cfg = chf.convert_hf(tmp_path / 'src', tmp_path / 'lm', log=lambda *_: None)
   assert cfg.tokenizer.path == str(tmp_path / 'lm' / 'tokenizer.model')
-  chf.export_checkpoint(tmp_path / 'lm', tmp_path / 'hf', log=lambda *_: None)
+  chf.export_checkpoint(tmp_path / 'lm', tmp_path / 'hf', dtype='float32', log=lambda *_: None)
   assert (tmp_path / 'hf' / 'tokenizer.model').read_bytes() == (
       tmp_path / 'src' / 'tokenizer.model').read_bytes()
   exported = json.loads((tmp_path / 'hf' / 'config.json').read_text())
