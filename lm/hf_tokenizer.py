@@ -22,12 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from lm.errors import UserError
+
 BUNDLE_KEY = 'lm_hf_tokenizer'
 CONFIG_FILE = 'tokenizer_config.json'
 TEMPLATE_FILE = 'chat_template.jinja'
 # tokenizer_config.json keys worth keeping with the tokenizer (the rest describe Python classes).
 _CONFIG_KEYS = ('bos_token', 'eos_token', 'pad_token', 'unk_token', 'chat_template',
                 'add_bos_token', 'add_eos_token', 'model_max_length')
+
+
+class TokenizerError(UserError, ValueError):
+  """A tokenizer file that cannot be used; the message names the file and key."""
 
 
 def is_hf_tokenizer(data: bytes) -> bool:
@@ -50,7 +56,7 @@ def read_config(directory) -> dict[str, Any]:
     try:
       raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise ValueError(f'{path}: not valid JSON ({e})') from None
+      raise TokenizerError(f'{path}: not valid JSON ({e})') from None
     config = {k: raw[k] for k in _CONFIG_KEYS if k in raw}
   template = directory / TEMPLATE_FILE
   if template.exists():
@@ -90,7 +96,7 @@ class HFTokenizer:
     token = token_content(self.config.get(key))
     token_id = self._token_id(token)
     if token and token_id < 0:
-      raise ValueError(f"{CONFIG_FILE}: {key}={token!r} is not in the tokenizer's vocabulary")
+      raise TokenizerError(f"{CONFIG_FILE}: {key}={token!r} is not in the tokenizer's vocabulary")
     return token_id
 
   def special_tokens(self) -> dict[str, str | None]:
@@ -139,12 +145,17 @@ class HFTokenizer:
   @classmethod
   def from_bytes(cls, data: bytes, path: str | pathlib.Path | None = None) -> 'HFTokenizer':
     """A bundle, or a tokenizer.json whose tokenizer_config.json is read from beside `path`."""
-    obj = json.loads(data)
-    if BUNDLE_KEY in obj:
-      return cls(json.dumps(obj['tokenizer']), obj.get('config'))
     from etils import epath
-    config = read_config(epath.Path(path).parent) if path is not None else {}
-    return cls(data.decode(), config)
+    try:
+      obj = json.loads(data)
+      if BUNDLE_KEY in obj:
+        return cls(json.dumps(obj['tokenizer']), obj.get('config'))
+      config = read_config(epath.Path(path).parent) if path is not None else {}
+      return cls(data.decode(), config)
+    except TokenizerError:
+      raise
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file.
+      raise TokenizerError(f'{path}: not a tokenizer.json ({e})') from None
 
   @classmethod
   def load(cls, path) -> 'HFTokenizer':
