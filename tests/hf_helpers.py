@@ -28,7 +28,7 @@ VARIED_TEXTS = [
 ]
 
 
-def build_llama3_tokenizer(out_dir, vocab_size=300, template=LLAMA3_TEMPLATE):
+def build_llama3_tokenizer(out_dir, vocab_size=300, template=LLAMA3_TEMPLATE, extra_specials=()):
   """tokenizer.json (byte-level BPE, Llama 3 split and bos post-processor) + tokenizer_config.json."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers, Regex
   out = pathlib.Path(out_dir)
@@ -38,7 +38,7 @@ def build_llama3_tokenizer(out_dir, vocab_size=300, template=LLAMA3_TEMPLATE):
       pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior='isolated'),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS,
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS + list(extra_specials),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator(CORPUS, trainer)
