@@ -317,6 +317,8 @@ def resolve(path: str | os.PathLike) -> tuple[epath.Path, int]:
     raise CheckpointError(f'checkpoint not found: {path} does not exist')
   if (path / 'checkpoints').exists():
     path = path / 'checkpoints'
+  elif (path / 'convert.json').exists() and (path / 'checkpoint').exists():
+    path = path / 'checkpoint'  # An lm.convert output directory.
   if (path / STATE).exists() and path.name.isdigit():
     return path.parent, int(path.name)
   steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / STATE).exists())

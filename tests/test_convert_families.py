@@ -203,3 +203,45 @@ def test_tokenizer_json_larger_than_the_embedding_is_one_error(tmp_path):
   with pytest.raises(ConvertError, match=f'tokenizer has {pieces} pieces but the model has 96 '
                      'embedding rows'):
     chf.convert_hf(tmp_path / 'src', tmp_path / 'out', log=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- fine-tune end to end
+
+
+def test_lora_finetune_of_a_converted_model_exports_to_transformers(tmp_path):
+  """Qwen2 (bf16, tokenizer.json) -> lm -> LoRA fine-tune with configs/finetune_hf.py -> merged
+  export that transformers loads with lm's logits."""
+  import importlib.util
+  import pathlib
+  from lm import finetune, generate
+  from lm import model as lm_model_
+  spec = importlib.util.spec_from_file_location(
+      'finetune_hf', pathlib.Path(__file__).parents[1] / 'configs' / 'finetune_hf.py')
+  config_file = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config_file)
+  model_type, hf_cfg = FAMILIES['qwen2']
+  src = tmp_path / 'src'
+  hf_model(model_type, **hf_cfg, bos_token_id=0, eos_token_id=4).to(torch.bfloat16).save_pretrained(src)
+  build_llama3_tokenizer(src)
+  chf.convert_hf(src, tmp_path / 'lm', log=lambda *_: None)
+  cfg = config_file.get_config()
+  cfg.finetune.restore_from = str(tmp_path / 'lm')
+  cfg.data.update(seq_len=32, batch_size=8)
+  cfg.optim.lr = 1e-2
+  cfg.train.update(steps=2, eval_every=2, eval_batches=1, log_every=1, checkpoint_every=2,
+                   sample_tokens=0)
+  summary = finetune.finetune(cfg, tmp_path / 'ft')
+  merged = summary['report']['merged_checkpoint']
+  chf.export_checkpoint(merged, tmp_path / 'hf', dtype='float32', log=lambda *_: None)
+  merged_cfg, params = generate.load_checkpoint(merged)
+  _, base = generate.load_checkpoint(tmp_path / 'lm')
+  flat, base_flat = lm_model_.flatten_params(params), lm_model_.flatten_params(base)
+  assert not np.allclose(np.asarray(flat['layers_0/attn/q/kernel'], np.float32),
+                         np.asarray(base_flat['layers_0/attn/q/kernel'], np.float32))
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf',
+                                                               attn_implementation='eager').eval()
+  assert transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf').eos_token == '<|eot_id|>'
+  tokens = random_tokens(merged_cfg.model.vocab_size, (2, T))
+  ours = np.asarray(lm_model_.build_model(_chunked(merged_cfg.model)).apply(
+      {'params': params}, jnp.asarray(tokens)))
+  assert np.abs(ours - torch_logits(reloaded, tokens)).max() <= TOL
