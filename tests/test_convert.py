@@ -1,4 +1,6 @@
-"""lm.convert: logits parity with transformers (Llama, Gemma 3), GGUF, round trips, bad input.
+"""lm.convert: Llama and Gemma 3 specifics (GGUF, multimodal Gemma, caching, CLI), bad input.
+
+Every family's parity and round trips: tests/test_convert_families.py.
 
 Tiny random models are built locally with transformers (no network) and saved with
 save_pretrained; torch and transformers are test dependencies (tests/requirements.txt).
@@ -21,6 +23,8 @@ gguf = pytest.importorskip('gguf')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import hf_helpers  # noqa: E402
+from hf_helpers import lm_logits, random_lm_params, random_tokens, randomize, torch_logits  # noqa: E402
 from lm import model as lm_model  # noqa: E402
 from lm.convert import ConvertError  # noqa: E402
 from lm.convert import gguf as cgguf  # noqa: E402
@@ -50,35 +54,8 @@ GEMMA3_UNTIED = dict(GEMMA3, tie_word_embeddings=False, final_logit_softcapping=
                      num_key_value_heads=1, rope_parameters=None)
 
 
-def randomize(model, seed=0):
-  """Random weights everywhere (HF initialises Gemma norms at 0, which would hide mapping bugs)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if 'norm' in name else 0.1))
-  return model
-
-
 def hf_model(kind, **cfg):
-  if kind == 'llama':
-    config = transformers.LlamaConfig(**cfg, attn_implementation='eager')
-    return randomize(transformers.LlamaForCausalLM(config)).eval()
-  config = transformers.Gemma3TextConfig(**cfg, attn_implementation='eager')
-  return randomize(transformers.Gemma3ForCausalLM(config)).eval()
-
-
-def torch_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens))).logits.numpy()
-
-
-def lm_logits(params_flat, model_cfg, tokens):
-  params = lm_model.unflatten_params({k: jnp.asarray(v) for k, v in params_flat.items()})
-  return np.asarray(lm_model.build_model(model_cfg).apply({'params': params}, jnp.asarray(tokens)))
-
-
-def random_tokens(vocab, shape=(2, 11), seed=0):
-  return np.random.RandomState(seed).randint(0, vocab, shape)
+  return hf_helpers.hf_model('gemma3_text' if kind == 'gemma3' else kind, **cfg)
 
 
 @pytest.mark.parametrize('kind,cfg', [('llama', LLAMA_GQA), ('llama', LLAMA_TIED),
@@ -140,38 +117,6 @@ def test_gemma3_config_mapping():
 
 
 # --------------------------------------------------------------------------- export / round trip
-
-
-def random_lm_params(model_cfg, seed=0, finetune=None):
-  """Random float32 numpy params for every path, norms and LoRA B included, so nothing that
-  the mapping could drop is zero."""
-  import flax.linen as nn
-  model = lm_model.build_model(model_cfg, finetune)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
-  rng = np.random.RandomState(seed)
-  return {k: rng.normal(0, 0.1, v.shape).astype(np.float32)
-          for k, v in lm_model.flatten_params(nn.meta.unbox(shapes['params'])).items()}
-
-
-@pytest.mark.parametrize('kind,cfg', [('llama', LLAMA_GQA), ('gemma3', GEMMA3)])
-def test_lm_to_hf_to_lm_is_exact(tmp_path, kind, cfg):
-  from lm import config as lm_config
-  model = hf_model(kind, **cfg)
-  model.save_pretrained(tmp_path / 'src')
-  _, m = chf.load_hf_params(tmp_path / 'src')
-  full = lm_config.base_config()
-  full.model = m
-  params = random_lm_params(m)
-  chf.export_params(params, full, tmp_path / 'hf', dtype='float32')
-  back, m2 = chf.load_hf_params(tmp_path / 'hf')
-  assert m2.to_dict() == m.to_dict()
-  assert set(back) == set(params)
-  for k in params:
-    np.testing.assert_array_equal(back[k], params[k], err_msg=k)
-  # transformers loads the export and agrees with lm.
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
-  tokens = random_tokens(m.vocab_size)
-  assert np.abs(lm_logits(params, m, tokens) - torch_logits(reloaded, tokens)).max() <= TOL
 
 
 @pytest.mark.parametrize('scan', [False, True], ids=['layers', 'scanned'])

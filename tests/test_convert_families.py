@@ -14,8 +14,8 @@ transformers = pytest.importorskip('transformers')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from hf_helpers import (build_llama3_tokenizer, hf_model, lm_logits, random_tokens,  # noqa: E402
-                        torch_logits)
+from hf_helpers import (build_llama3_tokenizer, hf_model, lm_logits, random_lm_params,  # noqa: E402
+                        random_tokens, torch_logits)
 from lm import model as lm_model  # noqa: E402
 from lm.convert import ConvertError  # noqa: E402
 from lm.convert import hf as chf  # noqa: E402
@@ -71,16 +71,6 @@ def test_family_options_map_to_the_one_model():
   assert (mistral.sliding_window, mistral.global_every, mistral.head_dim) == (12, 0, 32)
   llama = chf.model_config_from_hf(cfg('llama-attention-bias'))
   assert (llama.qkv_bias, llama.o_bias) == (True, True)
-
-
-def random_lm_params(model_cfg, seed=0, finetune=None):
-  """Random float32 numpy params for every path (biases, norms, LoRA B included)."""
-  import flax.linen as nn
-  model = lm_model.build_model(model_cfg, finetune)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
-  rng = np.random.RandomState(seed)
-  return {k: rng.normal(0, 0.1, v.shape).astype(np.float32)
-          for k, v in lm_model.flatten_params(nn.meta.unbox(shapes['params'])).items()}
 
 
 def _full_config(m):
