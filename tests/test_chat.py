@@ -1,7 +1,6 @@
 """lm.chat: conversations rendered and tokenized exactly as transformers' apply_chat_template,
 the assistant-only loss mask, the default template and the errors."""
 
-import json
 
 import numpy as np
 import pytest
