@@ -213,20 +213,22 @@ def _parse_args(argv):
   return p.parse_args(argv)
 
 
-def _stop_ids(sp, stops: Sequence[str]) -> list[int]:
-  ids = [sp.eos_id()] if sp.eos_id() >= 0 else []
+def _stop_ids(tok, stops: Sequence[str]) -> list[int]:
+  """eos plus each --stop (an id, or a piece of either tokenizer backend)."""
+  ids = [tok.eos_id] if tok.eos_id >= 0 else []
+  piece_ids = {tok.id_to_piece(i): i for i in range(tok.vocab_size)} if stops else {}
   for s in stops:
     if s.lstrip('-').isdigit():
       ids.append(int(s))
-    elif sp.piece_to_id(s) != sp.unk_id() or s == sp.id_to_piece(sp.unk_id()):
-      ids.append(sp.piece_to_id(s))
+    elif s in piece_ids:
+      ids.append(piece_ids[s])
     else:
       raise SystemExit(f'--stop={s!r}: not a piece of the tokenizer')
   return ids
 
 
 def main(argv=None) -> int:
-  import sentencepiece as spm
+  from lm import tokenizer as lm_tokenizer
 
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   if not args.prompt:
@@ -240,18 +242,18 @@ def main(argv=None) -> int:
     return 2
   if not cfg.tokenizer.path:
     raise SystemExit(f'{args.checkpoint}: its config has no tokenizer.path')
-  sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer.path)
-  bos = [] if args.no_bos or sp.bos_id() < 0 else [sp.bos_id()]
-  prompts = [bos + sp.encode(p) for p in args.prompt]
+  tok = lm_tokenizer.Tokenizer.load(cfg.tokenizer.path)  # SentencePiece or tokenizer.json.
+  bos = [] if args.no_bos or tok.bos_id < 0 else [tok.bos_id]
+  prompts = [bos + tok.encode(p) for p in args.prompt]
   finetune = cfg.finetune if cfg.finetune.lora_rank > 0 else None
   gen = Generator(cfg.model, params, finetune)
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
-  pad = sp.pad_id() if sp.pad_id() >= 0 else 0
+  pad = tok.pad_id
   for run in range(args.repeat):
-    outs, t = gen.generate(prompts, args.max_new_tokens, sampling, _stop_ids(sp, args.stop),
+    outs, t = gen.generate(prompts, args.max_new_tokens, sampling, _stop_ids(tok, args.stop),
                            args.seed, pad)
     for prompt, out in zip(args.prompt, outs):
-      print(f'--- {prompt!r}\n{prompt}{sp.decode(out)}')
+      print(f'--- {prompt!r}\n{prompt}{tok.decode(out)}')
     total = t['prefill_s'] + t['decode_s']
     print(f"[run {run + 1}] prompt {t['prompt_tokens']} tokens in {t['prefill_s']:.2f}s; "
           f"{t['new_tokens']} new tokens in {t['decode_s']:.2f}s "

@@ -235,3 +235,14 @@ def test_lora_finetune_of_a_converted_model_exports_to_transformers(tmp_path):
   ours = np.asarray(lm_model_.build_model(_chunked(merged_cfg.model)).apply(
       {'params': params}, jnp.asarray(tokens)))
   assert np.abs(ours - torch_logits(reloaded, tokens)).max() <= TOL
+
+
+def test_generate_runs_a_converted_tokenizer_json_model(tmp_path, capsys):
+  from lm import generate
+  model_type, cfg = FAMILIES['qwen3']
+  hf_model(model_type, **cfg, bos_token_id=0, eos_token_id=4).save_pretrained(tmp_path / 'src')
+  build_llama3_tokenizer(tmp_path / 'src')
+  chf.convert_hf(tmp_path / 'src', tmp_path / 'lm', log=lambda *_: None)
+  assert generate.main(['--checkpoint', str(tmp_path / 'lm'), '--prompt', 'def add(a, b):',
+                        '--max_new_tokens', '4', '--stop', '<|eot_id|>']) == 0
+  assert "--- 'def add(a, b):'" in capsys.readouterr().out
