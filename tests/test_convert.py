@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import hf_helpers  # noqa: E402
 from hf_helpers import lm_logits, random_lm_params, random_tokens, randomize, torch_logits  # noqa: E402
 from lm import model as lm_model  # noqa: E402
+from lm import tokenizer as lm_tokenizer  # noqa: E402
 from lm.convert import ConvertError  # noqa: E402
 from lm.convert import gguf as cgguf  # noqa: E402
 from lm.convert import hf as chf  # noqa: E402
@@ -421,6 +422,11 @@ def test_export_from_checkpoint_round_trips(tmp_path):
       tmp_path / 'src' / 'tokenizer.model').read_bytes()
   exported = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert (exported['bos_token_id'], exported['eos_token_id']) == (2, 1)
+  # transformers loads the SentencePiece tokenizer too (it converts it to its own format, which
+  # can differ from SentencePiece on user-defined whitespace pieces; plain text agrees).
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  sp = lm_tokenizer.Tokenizer.load(tmp_path / 'lm' / 'tokenizer.model')
+  assert hf_tok('abc ab héllo')['input_ids'] == [2] + sp.encode('abc ab héllo')
   before, _ = chf.load_hf_params(tmp_path / 'src')
   after, _ = chf.load_hf_params(tmp_path / 'hf')
   for k in before:
