@@ -56,8 +56,10 @@ class _ParamSource:
     return path, None
 
   def _get(self, stored: str) -> np.ndarray:
-    if stored not in self._cache:
-      if len(self._cache) >= 3:  # One (stacked) kernel and its two adapters at most.
+    if not stored.startswith('layers/'):  # Read once, used once: nothing to keep.
+      return np.asarray(self._read([stored])[stored])
+    if stored not in self._cache:  # A stacked leaf serves every layer: keep it meanwhile.
+      if len(self._cache) >= 3:  # One stacked kernel and its two adapters at most.
         self._cache.pop(next(iter(self._cache)))
       self._cache[stored] = np.asarray(self._read([stored])[stored])
     return self._cache[stored]
@@ -115,7 +117,7 @@ def _write_weights(source: _ParamSource, m, out: pathlib.Path, dtype: np.dtype) 
   path_of = {name: path for name, (path, _) in table.items()}
   remove_stale(out)
   write_streaming(out, entries, lambda name: to_source_layout(
-      source.read(path_of[name]), layout_of[path_of[name]]).astype(dtype))
+      source.read(path_of[name]), layout_of[path_of[name]]).astype(dtype, copy=False))
 
 
 # --------------------------------------------------------------------------- tokenizer files
