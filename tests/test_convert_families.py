@@ -246,3 +246,16 @@ def test_generate_runs_a_converted_tokenizer_json_model(tmp_path, capsys):
   assert generate.main(['--checkpoint', str(tmp_path / 'lm'), '--prompt', 'def add(a, b):',
                         '--max_new_tokens', '4', '--stop', '<|eot_id|>']) == 0
   assert "--- 'def add(a, b):'" in capsys.readouterr().out
+
+
+def test_dtype_is_kept_unless_asked(tmp_path):
+  hf_model('mistral', **FAMILIES['mistral-window'][1]).to(torch.bfloat16).save_pretrained(tmp_path)
+  kept, m = chf.plan_hf_params(tmp_path)
+  assert m.param_dtype == 'bfloat16' and {t.dtype for t in kept.values()} == {np.dtype(jnp.bfloat16)}
+  asked, m = chf.plan_hf_params(tmp_path, dtype='float32')
+  assert m.param_dtype == 'float32'
+  x = asked['layers_0/attn/q/kernel'].load()
+  assert x.dtype == np.float32
+  np.testing.assert_array_equal(x, kept['layers_0/attn/q/kernel'].load().astype(np.float32))
+  with pytest.raises(ConvertError, match="--dtype='int8'"):
+    chf.plan_hf_params(tmp_path, dtype='int8')

@@ -19,9 +19,10 @@ def _parser() -> argparse.ArgumentParser:
                       ('gguf', f"GGUF file -> lm ('{GEMMA3_270M}': the Gemma 3 270M package)")):
     s = sub.add_parser(name, help=help_)
     s.add_argument('src')
-    s.add_argument('out', help='output directory: checkpoint/, tokenizer.model, config.py')
+    s.add_argument('out', help='output directory: checkpoint/, tokenizer, config.py')
     tok = s.add_mutually_exclusive_group()
-    tok.add_argument('--tokenizer', help='a SentencePiece .model to use instead of the source\'s')
+    tok.add_argument('--tokenizer', help='a SentencePiece .model or a tokenizer.json to use '
+                     'instead of the source\'s')
     tok.add_argument('--no_tokenizer', action='store_true', help='convert the weights only')
     s.add_argument('--force', action='store_true', help='convert even if the cache is current')
   sub.choices['hf'].add_argument(
