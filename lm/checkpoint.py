@@ -317,6 +317,8 @@ def resolve(path: str | os.PathLike) -> tuple[epath.Path, int]:
     raise CheckpointError(f'checkpoint not found: {path} does not exist')
   if (path / 'checkpoints').exists():
     path = path / 'checkpoints'
+  elif (path / 'convert.json').exists() and (path / 'checkpoint').exists():
+    path = path / 'checkpoint'  # An lm.convert output directory.
   if (path / STATE).exists() and path.name.isdigit():
     return path.parent, int(path.name)
   steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / STATE).exists())
@@ -348,6 +350,12 @@ def params_metadata(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...],
           for p, m in model_lib.flatten_params(tree['params']).items()}
 
 
+def _both_floating(a, b) -> bool:
+  """Float params restore into another float dtype (Orbax casts on read): a bfloat16 import
+  fine-tunes with float32 params when the run asks for them."""
+  return all(jax.numpy.issubdtype(np.dtype(x), jax.numpy.floating) for x in (a, b))
+
+
 def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = '') -> None:
   """One error listing every missing, unexpected, mis-shaped or mis-typed parameter path."""
   from lm.optim import path_matches
@@ -359,7 +367,7 @@ def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = 
         problems.append(f'missing {path} (expected {shape} {dtype})')
     elif saved[path][0] != shape:
       problems.append(f'shape mismatch {path}: checkpoint {saved[path][0]}, model {shape}')
-    elif saved[path][1] != dtype:
+    elif saved[path][1] != dtype and not _both_floating(saved[path][1], dtype):
       problems.append(f'dtype mismatch {path}: checkpoint {saved[path][1]}, model {dtype}')
   for path in saved:
     if path not in expected:

@@ -49,7 +49,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 
 
 def model_config() -> ConfigDict:
-  """Decoder-only Transformer; options are enough to express Llama 2/3 and Gemma 3 exactly."""
+  """Decoder-only Transformer; options express Llama 2/3, Mistral, Qwen2/2.5/3 and Gemma 3 exactly."""
   m = ConfigDict()
   m.vocab_size = 0  # Rows of the embedding table; 0 = the tokenizer's vocabulary size.
   m.d_model = 128  # Width of the residual stream.
@@ -63,7 +63,9 @@ def model_config() -> ConfigDict:
   m.norm_plus_one = False  # Gemma's RMSNorm scales by (1 + w) with w initialised at 0.
   m.post_attn_norm = False  # Gemma 3: RMSNorm on the attention output before the residual add.
   m.post_mlp_norm = False  # Gemma 3: RMSNorm on the MLP output before the residual add.
-  m.qk_norm = False  # Gemma 3: RMSNorm over head_dim on queries and keys.
+  m.qk_norm = False  # Gemma 3, Qwen3: RMSNorm over head_dim on queries and keys (before RoPE).
+  m.qkv_bias = False  # Qwen2/2.5 (and Llama attention_bias): biases on the q, k, v projections.
+  m.o_bias = False  # Llama / Qwen3 attention_bias: a bias on the attention output projection.
   m.rope_base = 10_000.0  # RoPE base for global layers.
   m.rope_local_base = 0.0  # RoPE base for sliding-window layers; 0 means rope_base.
   m.rope_scaling = 'none'  # 'none', 'linear' (positions / factor) or 'llama3' (Llama 3.1+).
@@ -76,9 +78,10 @@ def model_config() -> ConfigDict:
   m.final_logit_softcap = 0.0  # 0 disables; else logits = c * tanh(logits / c).
   m.attn_logit_softcap = 0.0  # 0 disables; same cap applied to attention scores.
   m.sliding_window = 0  # 0 disables; else local layers attend to the last `sliding_window` tokens.
-  m.global_every = 0  # With a window: layer i is global iff (i + 1) % global_every == 0; 0 = all local.
+  m.global_every = 0  # With a window: layer i is global iff (i + 1) % global_every == 0; 0 = all local (Mistral).
   m.attn_scale = 0.0  # 0 means 1/sqrt(head_dim); Gemma uses query_pre_attn_scalar ** -0.5.
   m.attn_query_chunk = 128  # Queries attend in blocks of this size, skipping causally masked keys; 0 = one block.
+  m.hf_model_type = ''  # Set by lm.convert: the Hugging Face model_type an export writes back ('' = inferred).
   m.init_std = 0.02
   m.dtype = 'float32'  # Compute dtype of matmuls ('bfloat16' on accelerators).
   m.param_dtype = 'float32'

@@ -1,4 +1,5 @@
-"""A decoder-only Transformer in Flax linen, expressive enough for Llama 2/3 and Gemma 3.
+"""A decoder-only Transformer in Flax linen, expressive enough for Llama 2/3, Mistral, Qwen2/2.5,
+Qwen3 and Gemma 3: family differences are config options, not classes.
 
 Pure-functional: `model.apply({'params': params}, tokens_BT, positions_BT, segment_ids_BT)`.
 Every parameter carries logical axis names (lm/config.py DEFAULT_RULES maps them to mesh axes)
@@ -9,7 +10,9 @@ Parameter paths (`/`-joined, as freezing, LoRA and conversion select them):
   layers_{i}/pre_attn_norm/scale        [embed]
   layers_{i}/attn/{q,k,v,o}/kernel      q: [embed, heads, head_dim], k/v: [embed, kv_heads, head_dim],
                                         o: [heads, head_dim, embed]
-  layers_{i}/attn/{q_norm,k_norm}/scale [head_dim]              (model.qk_norm)
+  layers_{i}/attn/{q,k,v}/bias          [heads or kv_heads, head_dim]  (model.qkv_bias: Qwen2)
+  layers_{i}/attn/o/bias                [embed]                 (model.o_bias: Llama attention_bias)
+  layers_{i}/attn/{q_norm,k_norm}/scale [head_dim]              (model.qk_norm: Gemma 3, Qwen3)
   layers_{i}/post_attn_norm/scale                               (model.post_attn_norm)
   layers_{i}/pre_mlp_norm/scale
   layers_{i}/mlp/{wi_0,wi_1}/kernel     [embed, mlp]  (gate, up);  mlp/wo/kernel [mlp, embed]
@@ -104,6 +107,7 @@ class Linear(nn.Module):
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ()
   preferred_element_type: Any = None
+  use_bias: bool = False  # A bias [out...] after the matmul (Qwen2 q/k/v, Llama attention_bias).
 
   def _lora_enabled(self) -> bool:
     if not self.lora_rank:
@@ -137,6 +141,10 @@ class Linear(nn.Module):
     in_letters = 'abcd'[:n_in]
     out_letters = 'wxyz'[:len(self.out_shape)]
     y = self._flat_matmul(x, kernel)
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
+                        self.out_shape, self.param_dtype)
+      y = y + bias.astype(y.dtype)
     if self._lora_enabled():
       a = self.param('lora_a',
                      nn.with_logical_partitioning(
@@ -261,7 +269,8 @@ class Attention(nn.Module):
 
   def _linear(self, name, in_shape, out_shape, in_axes, out_axes):
     m, lora = self.cfg, self.lora
-    return Linear(in_shape, out_shape, in_axes, out_axes, init_std=m.init_std,
+    use_bias = m.o_bias if name == 'o' else m.qkv_bias
+    return Linear(in_shape, out_shape, in_axes, out_axes, init_std=m.init_std, use_bias=use_bias,
                   dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
                   lora_rank=lora.lora_rank if lora else 0,
                   lora_alpha=lora.lora_alpha if lora else 1.0,

@@ -94,10 +94,15 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path) -> 'Tokenizer':
+    """A SentencePiece .model, or (by content) a tokenizer.json: lm.hf_tokenizer.HFTokenizer."""
     path = epath.Path(path)
     if not path.exists():
       raise FileNotFoundError(f'no tokenizer model at {path}')
-    return cls(path.read_bytes())
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b'{':  # JSON, never a SentencePiece proto.
+      from lm import hf_tokenizer  # Keeps the `tokenizers` extension off SentencePiece runs.
+      return hf_tokenizer.HFTokenizer.from_bytes(data, path)
+    return cls(data)
 
   def save(self, path) -> None:
     path = epath.Path(path)
@@ -194,9 +199,10 @@ def _nearby_tokenizer(checkpoint_path: str) -> epath.Path | None:
     return None
   path = epath.Path(checkpoint_path)
   for candidate_dir in (path, path.parent, path.parent.parent):
-    candidate = candidate_dir / TOKENIZER_FILE
-    if candidate.exists():
-      return candidate
+    for name in (TOKENIZER_FILE, 'tokenizer.json'):  # A converted model may ship either.
+      candidate = candidate_dir / name
+      if candidate.exists():
+        return candidate
   return None
 
 

@@ -1,4 +1,6 @@
-"""lm.convert: logits parity with transformers (Llama, Gemma 3), GGUF, round trips, bad input.
+"""lm.convert: Llama and Gemma 3 specifics (GGUF, multimodal Gemma, caching, CLI), bad input.
+
+Every family's parity and round trips: tests/test_convert_families.py.
 
 Tiny random models are built locally with transformers (no network) and saved with
 save_pretrained; torch and transformers are test dependencies (tests/requirements.txt).
@@ -21,7 +23,10 @@ gguf = pytest.importorskip('gguf')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+import hf_helpers  # noqa: E402
+from hf_helpers import lm_logits, random_lm_params, random_tokens, randomize, torch_logits  # noqa: E402
 from lm import model as lm_model  # noqa: E402
+from lm import tokenizer as lm_tokenizer  # noqa: E402
 from lm.convert import ConvertError  # noqa: E402
 from lm.convert import gguf as cgguf  # noqa: E402
 from lm.convert import hf as chf  # noqa: E402
@@ -50,35 +55,8 @@ GEMMA3_UNTIED = dict(GEMMA3, tie_word_embeddings=False, final_logit_softcapping=
                      num_key_value_heads=1, rope_parameters=None)
 
 
-def randomize(model, seed=0):
-  """Random weights everywhere (HF initialises Gemma norms at 0, which would hide mapping bugs)."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if 'norm' in name else 0.1))
-  return model
-
-
 def hf_model(kind, **cfg):
-  if kind == 'llama':
-    config = transformers.LlamaConfig(**cfg, attn_implementation='eager')
-    return randomize(transformers.LlamaForCausalLM(config)).eval()
-  config = transformers.Gemma3TextConfig(**cfg, attn_implementation='eager')
-  return randomize(transformers.Gemma3ForCausalLM(config)).eval()
-
-
-def torch_logits(model, tokens):
-  with torch.no_grad():
-    return model(torch.tensor(np.asarray(tokens))).logits.numpy()
-
-
-def lm_logits(params_flat, model_cfg, tokens):
-  params = lm_model.unflatten_params({k: jnp.asarray(v) for k, v in params_flat.items()})
-  return np.asarray(lm_model.build_model(model_cfg).apply({'params': params}, jnp.asarray(tokens)))
-
-
-def random_tokens(vocab, shape=(2, 11), seed=0):
-  return np.random.RandomState(seed).randint(0, vocab, shape)
+  return hf_helpers.hf_model('gemma3_text' if kind == 'gemma3' else kind, **cfg)
 
 
 @pytest.mark.parametrize('kind,cfg', [('llama', LLAMA_GQA), ('llama', LLAMA_TIED),
@@ -142,38 +120,6 @@ def test_gemma3_config_mapping():
 # --------------------------------------------------------------------------- export / round trip
 
 
-def random_lm_params(model_cfg, seed=0, finetune=None):
-  """Random float32 numpy params for every path, norms and LoRA B included, so nothing that
-  the mapping could drop is zero."""
-  import flax.linen as nn
-  model = lm_model.build_model(model_cfg, finetune)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
-  rng = np.random.RandomState(seed)
-  return {k: rng.normal(0, 0.1, v.shape).astype(np.float32)
-          for k, v in lm_model.flatten_params(nn.meta.unbox(shapes['params'])).items()}
-
-
-@pytest.mark.parametrize('kind,cfg', [('llama', LLAMA_GQA), ('gemma3', GEMMA3)])
-def test_lm_to_hf_to_lm_is_exact(tmp_path, kind, cfg):
-  from lm import config as lm_config
-  model = hf_model(kind, **cfg)
-  model.save_pretrained(tmp_path / 'src')
-  _, m = chf.load_hf_params(tmp_path / 'src')
-  full = lm_config.base_config()
-  full.model = m
-  params = random_lm_params(m)
-  chf.export_params(params, full, tmp_path / 'hf')
-  back, m2 = chf.load_hf_params(tmp_path / 'hf')
-  assert m2.to_dict() == m.to_dict()
-  assert set(back) == set(params)
-  for k in params:
-    np.testing.assert_array_equal(back[k], params[k], err_msg=k)
-  # transformers loads the export and agrees with lm.
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
-  tokens = random_tokens(m.vocab_size)
-  assert np.abs(lm_logits(params, m, tokens) - torch_logits(reloaded, tokens)).max() <= TOL
-
-
 @pytest.mark.parametrize('scan', [False, True], ids=['layers', 'scanned'])
 def test_export_merges_lora_and_transformers_loads_it(tmp_path, scan):
   from lm import config as lm_config
@@ -190,7 +136,7 @@ def test_export_merges_lora_and_transformers_loads_it(tmp_path, scan):
     cfg.model.scan_layers = True
     params = lm_model.flatten_params(lm_model.stack_layers(
         lm_model.unflatten_params(params), cfg.model.n_layers))
-  chf.export_params(params, cfg, tmp_path)
+  chf.export_params(params, cfg, tmp_path, dtype='float32')
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert np.abs(with_lora - torch_logits(reloaded, tokens)).max() <= TOL
 
@@ -199,8 +145,8 @@ def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
   from lm import config as lm_config
   cfg = lm_config.base_config()
   cfg.model.vocab_size = 64
-  cfg.model.post_attn_norm = True  # Neither Llama nor Gemma 3.
-  with pytest.raises(ConvertError, match='neither Llama'):
+  cfg.model.post_attn_norm = True  # Neither Llama-like nor Gemma 3.
+  with pytest.raises(ConvertError, match='matches no Hugging Face family.*post_attn_norm=True'):
     chf.export_params(random_lm_params(cfg.model), cfg, tmp_path)
 
 
@@ -252,7 +198,8 @@ def write_gguf(path, arch, hf, model, quantized=(), skip=(), arch_name=None):
   w.add_pad_token_id(0)
   w.add_add_space_prefix(arch == 'llama')
   n, tied = c.num_hidden_layers, c.tie_word_embeddings
-  hf_name_of = {path_: name for name, (path_, _) in chf.tensor_table(arch, n, tied).items()}
+  lm_cfg = chf.model_config_from_hf(json.loads(c.to_json_string()))
+  hf_name_of = {path_: name for name, (path_, _) in chf.tensor_table(arch, lm_cfg).items()}
   table = {hf_name_of[path_]: gname for gname, (path_, _) in cgguf.tensor_table(arch, n, tied).items()}
   for name, x in model.state_dict().items():
     if name not in table:
@@ -381,8 +328,8 @@ def test_missing_tensor_and_wrong_shape(tmp_path):
 
 def test_unsupported_options_are_named(tmp_path):
   bad = json.loads(transformers.LlamaConfig(**LLAMA_TIED).to_json_string())
-  with pytest.raises(ConvertError, match='attention_bias'):
-    chf.model_config_from_hf({**bad, 'attention_bias': True})
+  with pytest.raises(ConvertError, match='mlp_bias'):
+    chf.model_config_from_hf({**bad, 'mlp_bias': True})
   with pytest.raises(ConvertError, match="rope_type='yarn'"):
     chf.model_config_from_hf({**bad, 'rope_parameters': {'rope_type': 'yarn', 'factor': 2.0}})
   with pytest.raises(ConvertError, match='not periodic'):
@@ -429,7 +376,7 @@ def test_cli_reports_one_clear_error(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       f"error: {tmp_path / 'config.json'}: unsupported architecture model_type='mamba' "
-      "(supported: ['gemma3', 'gemma3_text', 'llama'])"]
+      "(supported: ['gemma3', 'gemma3_text', 'llama', 'mistral', 'qwen2', 'qwen3'])"]
 
 
 def test_convert_writes_checkpoint_and_is_cached(tmp_path):
@@ -470,11 +417,16 @@ def test_export_from_checkpoint_round_trips(tmp_path):
       tokens, scores, types, unk_id=3, bos_id=2, eos_id=1))
   cfg = chf.convert_hf(tmp_path / 'src', tmp_path / 'lm', log=lambda *_: None)
   assert cfg.tokenizer.path == str(tmp_path / 'lm' / 'tokenizer.model')
-  chf.export_checkpoint(tmp_path / 'lm', tmp_path / 'hf', log=lambda *_: None)
+  chf.export_checkpoint(tmp_path / 'lm', tmp_path / 'hf', dtype='float32', log=lambda *_: None)
   assert (tmp_path / 'hf' / 'tokenizer.model').read_bytes() == (
       tmp_path / 'src' / 'tokenizer.model').read_bytes()
   exported = json.loads((tmp_path / 'hf' / 'config.json').read_text())
   assert (exported['bos_token_id'], exported['eos_token_id']) == (2, 1)
+  # transformers loads the SentencePiece tokenizer too (it converts it to its own format, which
+  # can differ from SentencePiece on user-defined whitespace pieces; plain text agrees).
+  hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf')
+  sp = lm_tokenizer.Tokenizer.load(tmp_path / 'lm' / 'tokenizer.model')
+  assert hf_tok('abc ab héllo')['input_ids'] == [2] + sp.encode('abc ab héllo')
   before, _ = chf.load_hf_params(tmp_path / 'src')
   after, _ = chf.load_hf_params(tmp_path / 'hf')
   for k in before:

@@ -3,9 +3,11 @@
     python -m lm.convert hf   SRC_DIR OUT_DIR      # config.json + *.safetensors -> lm checkpoint
     python -m lm.convert gguf SRC.gguf OUT_DIR     # GGUF (dequantised)         -> lm checkpoint
     python -m lm.convert export CKPT_DIR OUT_DIR   # lm checkpoint (LoRA merged) -> HF directory
+    python -m lm.convert bench [--gb=2]            # peak RSS / time of import and export
 
-An imported OUT_DIR holds the Orbax checkpoint (lm.checkpoint.save_params), `tokenizer.model`
-(SentencePiece, encoding exactly as the source), `config.py` (a full lm config file for
+An imported OUT_DIR holds the Orbax checkpoint (lm.checkpoint.save_params), the tokenizer
+(`tokenizer.model` SentencePiece, or `tokenizer.json` with its `tokenizer_config.json` when the
+source ships no SentencePiece model; either encodes exactly as the source), `config.py` (a full lm config file for
 train.py/finetune.py) and `convert.json`, written last: it fingerprints the source, so a re-run
 with the same source and options is a no-op, and a half-written conversion is never mistaken for
 a finished one.
@@ -17,6 +19,7 @@ source tensor [out, in] onto lm's einsum kernels, the expected parameter shapes,
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -55,12 +58,16 @@ def _source_shape(layout: str, lm_shape: tuple[int, ...]) -> tuple[int, ...]:
   if layout == 'out_heads':  # lm [H, Dh, D]  <- [D, H*Dh]
     h, dh, d = lm_shape
     return (d, h * dh)
+  if layout == 'flat':  # lm [H, Dh]  <- [H*Dh] (q/k/v biases)
+    return (math.prod(lm_shape),)
   raise AssertionError(layout)
 
 
 def to_lm_layout(x: np.ndarray, layout: str, lm_shape: tuple[int, ...]) -> np.ndarray:
   if layout == 'same':
     return x
+  if layout == 'flat':
+    return x.reshape(lm_shape)
   if layout in ('linear', 'in_heads', 'out_heads'):
     # A transpose then a reshape; ascontiguousarray so the copy happens here, one tensor at a time.
     return np.ascontiguousarray(x.T).reshape(lm_shape)
@@ -72,6 +79,8 @@ def to_source_layout(x: np.ndarray, layout: str) -> np.ndarray:
     return x
   if layout == 'linear':
     return np.ascontiguousarray(x.T)
+  if layout == 'flat':
+    return x.reshape(-1)
   if layout == 'in_heads':
     return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
   if layout == 'out_heads':
@@ -79,22 +88,37 @@ def to_source_layout(x: np.ndarray, layout: str) -> np.ndarray:
   raise AssertionError(layout)
 
 
-def _on_device(params_flat: dict[str, np.ndarray]) -> dict[str, Any]:
+def _on_device(params_flat: dict[str, Any]) -> dict[str, Any]:
   """Moves arrays to jax one at a time, emptying `params_flat` as it goes: Orbax saves numpy
-  arrays through extra host copies (+1.4 GB for Gemma 3 270M) but jax arrays without."""
+  arrays through extra host copies (+1.4 GB for Gemma 3 270M) but jax arrays without.
+  StreamedTensors stay as they are: Orbax produces and writes them one at a time."""
   import jax
-  return {k: jax.device_put(params_flat.pop(k)) for k in list(params_flat)}
+
+  from lm.convert import streamed
+  streamed.register()
+  return {k: v if isinstance(v, streamed.StreamedTensor) else jax.device_put(v)
+          for k, v in ((k, params_flat.pop(k)) for k in list(params_flat))}
+
+
+def check_source_shape(shape: tuple[int, ...], layout: str, lm_shape: tuple[int, ...],
+                       tensor: str, path: str, source: str) -> None:
+  """A ConvertError naming the tensor, file and parameter path unless the shapes agree."""
+  want = _source_shape(layout, lm_shape)
+  if tuple(shape) != want:
+    raise ConvertError(
+        f"{source}: tensor '{tensor}' has shape {tuple(shape)}, expected {want} for lm "
+        f"parameter '{path}' {tuple(lm_shape)}")
 
 
 def checked_to_lm(x: np.ndarray, layout: str, lm_shape: tuple[int, ...], tensor: str,
                   path: str, source: str) -> np.ndarray:
   """The tensor in lm's layout, or a ConvertError naming the tensor, file and parameter path."""
-  want = _source_shape(layout, lm_shape)
-  if tuple(x.shape) != want:
-    raise ConvertError(
-        f"{source}: tensor '{tensor}' has shape {tuple(x.shape)}, expected {want} for lm "
-        f"parameter '{path}' {tuple(lm_shape)}")
+  check_source_shape(x.shape, layout, lm_shape, tensor, path, source)
   return to_lm_layout(x, layout, lm_shape)
+
+
+def source_shape(layout: str, lm_shape: tuple[int, ...]) -> tuple[int, ...]:
+  return _source_shape(layout, lm_shape)
 
 
 # --------------------------------------------------------------------------- lm side
@@ -160,9 +184,8 @@ def lm_config_for(model_cfg, tokenizer_path: str | None, ckpt_dir: pathlib.Path)
   cfg.model = model_cfg
   cfg.name = ckpt_dir.parent.name
   if tokenizer_path:
-    import sentencepiece as spm
     cfg.tokenizer.path = tokenizer_path
-    cfg.tokenizer.vocab_size = spm.SentencePieceProcessor(model_file=tokenizer_path).vocab_size()
+    cfg.tokenizer.vocab_size = tokenizer_size(tokenizer_path)
   cfg.finetune.restore_from = str(ckpt_dir)
   return cfg
 
@@ -181,21 +204,31 @@ def config_file_text(cfg, source: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def tokenizer_size(tokenizer_path: str) -> int:
+  """Vocabulary size of a SentencePiece model or tokenizer.json (lm.tokenizer picks which)."""
+  from lm import tokenizer as lm_tokenizer
+  try:
+    return lm_tokenizer.Tokenizer.load(tokenizer_path).vocab_size
+  except (ValueError, RuntimeError, OSError) as e:  # What both libraries raise on a bad file.
+    raise ConvertError(f'{tokenizer_path}: not a tokenizer ({e})') from None
+
+
 def check_tokenizer_fits(tokenizer_path: str, vocab_size: int) -> None:
   """A tokenizer may have fewer pieces than embedding rows (padded tables), never more."""
-  import sentencepiece as spm
-  pieces = spm.SentencePieceProcessor(model_file=tokenizer_path).vocab_size()
+  pieces = tokenizer_size(tokenizer_path)
   if pieces > vocab_size:
     raise ConvertError(f'{tokenizer_path}: tokenizer has {pieces} pieces but the model has '
                        f'{vocab_size} embedding rows')
 
 
-def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, np.ndarray], model_cfg,
+def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, Any], model_cfg,
                     tokenizer_path: str | None, fp: dict[str, Any], source: str,
-                    seconds: float | None = None) -> Any:
+                    seconds: float | None = None, extra_files: Iterable[pathlib.Path] = ()) -> Any:
   """Saves checkpoint, tokenizer, config file and (last) the manifest; returns the lm config.
 
-  Empties `params_flat` (moved to jax arrays one at a time to bound peak memory).
+  Empties `params_flat` (arrays move to jax one at a time; StreamedTensors are produced one at
+  a time while Orbax writes). `extra_files` (tokenizer_config.json, generation_config.json, ...)
+  are copied beside the tokenizer, first, since the tokenizer reads its special tokens there.
   """
   from lm import checkpoint
   from lm import model as lm_model
@@ -203,9 +236,13 @@ def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, np.ndarra
   out = pathlib.Path(out_dir).resolve()
   out.mkdir(parents=True, exist_ok=True)
   (out / MANIFEST).unlink(missing_ok=True)  # Invalid until everything below is written.
+  for extra in extra_files:
+    if pathlib.Path(extra).resolve() != (out / pathlib.Path(extra).name):
+      shutil.copyfile(extra, out / pathlib.Path(extra).name)
   tok = None
   if tokenizer_path:
-    tok = str(out / TOKENIZER_FILE)
+    is_json = str(tokenizer_path).endswith('.json')
+    tok = str(out / ('tokenizer.json' if is_json else TOKENIZER_FILE))
     if pathlib.Path(tokenizer_path).resolve() != pathlib.Path(tok):
       shutil.copyfile(tokenizer_path, tok)
   ckpt_dir = out / CHECKPOINT_DIR
