@@ -143,3 +143,15 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer, *, process_in
                               task='lm')
   shards = cfg.data.shard_count or process_count
   return ReplayIterator(domain, replay, local_shards=shards // process_count)
+
+
+def tradeoff(before: dict, after: dict, share: float) -> dict:
+  """What fine-tuning bought (domain-loss gain) next to what it cost (general-loss change)."""
+  return {'replay': share, 'domain_gain': before['domain_loss'] - after['domain_loss'],
+          'general_change': after['general_loss'] - before['general_loss']}
+
+
+def format_tradeoff(t: dict) -> str:
+  return ('| replay share | domain gain (loss before - after) | general-loss change |\n'
+          '|---:|---:|---:|\n'
+          f"| {t['replay']:.2f} | {t['domain_gain']:+.4f} | {t['general_change']:+.4f} |")

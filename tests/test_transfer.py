@@ -57,3 +57,54 @@ def test_bad_curves_name_the_problem():
     transfer.ScalingCurve.fit(SIZES, [5, 5, 5, 5])
   with pytest.raises(transfer.TransferError, match='> 0 tokens'):
     transfer.ScalingCurve.fit((0, 1, 2, 3), [5, 4, 3, 2])
+
+
+def test_report_picks_the_best_lr_per_cell_and_reads_effective_data(tmp_path):
+  from lm import transfer_report
+  columns = ['stage', 'trial', 'status', 'recipe', 'data.train_fraction', 'optim.lr', 'seed',
+             'domain_loss', 'general_loss', 'domain_loss_before', 'general_loss_before',
+             'train_tokens']
+  rows = []
+  shares = {0.01: 1e3, 0.1: 1e4, 0.3: 3e4, 1.0: 1e5}
+  for share, tokens in shares.items():
+    for lr, offset in ((1e-3, 0.0), (3e-3, 0.2)):  # 1e-3 is best from scratch.
+      for seed, noise in ((0, -0.01), (1, 0.0), (2, 0.01)):
+        rows.append(['domain', 'x', 'done', 'scratch', share, lr, seed,
+                     log_linear(tokens) + offset + noise, '', '', '', tokens])
+  for lr, loss in ((1e-3, log_linear(5e4) + 0.1), (3e-3, log_linear(5e4))):  # 3e-3 best.
+    for seed, noise in ((0, -0.02), (1, 0.0), (2, 0.02)):
+      rows.append(['domain', 'x', 'done', 'full', 0.01, lr, seed, loss + noise, 4.1 + noise, 5.0,
+                   4.0, 1e3])
+  rows.append(['domain', 'x', 'failed', 'full', 0.01, 1e-2, 0, 1.0, 1.0, 5.0, 4.0, 1e3])
+  with open(tmp_path / 'results.csv', 'w') as f:
+    f.write('\n'.join(','.join(str(v) for v in r) for r in [columns] + rows) + '\n')
+  cells = {(c['recipe'], c['data.train_fraction']): c
+           for c in transfer_report.report(str(tmp_path))}
+  full = cells[('full', 0.01)]
+  assert full['best_lr'] == 3e-3 and full['seeds'] == 3  # The failed trial is not counted.
+  assert full['domain_loss_mean'] == pytest.approx(log_linear(5e4))
+  assert full['domain_loss_sd'] == pytest.approx(0.02)
+  assert full['general_change_mean'] == pytest.approx(0.1)
+  assert full['domain_gain_mean'] == pytest.approx(5.0 - log_linear(5e4))
+  assert full['effective_data'] == pytest.approx(5e4, rel=1e-6)
+  assert full['transferred_data'] == pytest.approx(4.9e4, rel=1e-6)
+  assert cells[('scratch', 0.1)]['best_lr'] == 1e-3
+  assert (tmp_path / 'transfer_frontier.png').exists() and (tmp_path / 'transfer.md').exists()
+
+
+def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(tmp_path):
+  import collections
+  from lm import sweep as sweep_lib
+  sweep = sweep_lib.load_sweep('configs/sweeps/transfer.py')
+  trials = [t for t in sweep_lib.make_trials(sweep, str(tmp_path)) if t.stage != 'pretrain']
+  assert {t.cfg.optim.weight_decay for t in trials} == {0.1}
+  grid = collections.defaultdict(set)
+  for t in trials:
+    grid[(t.values['recipe'], t.cfg.data.train_fraction)].add((t.cfg.optim.lr, t.cfg.seed,
+                                                               t.cfg.data.shuffle_seed))
+  assert len({frozenset(v) for v in grid.values()}) == 1  # The same lr x seed grid per cell.
+  assert len(next(iter(grid.values()))) == 2 * 3
+  scratch_sizes = {share for recipe, share in grid if recipe == 'scratch'}
+  assert len(scratch_sizes) >= 4
+  replay = [t for t in trials if t.values['recipe'] == 'replay']
+  assert replay and all(t.cfg.finetune.replay == 0.25 for t in replay)
