@@ -151,3 +151,23 @@ def test_bad_settings_name_the_key(cfg, tok):
   cfg.finetune.replay = 1.0
   with pytest.raises(ConfigError, match='finetune.replay'):
     config.validate(cfg)
+
+
+def test_finetune_with_replay_checkpoints_both_positions_and_reports_the_tradeoff(cfg, tmp_path):
+  from lm import finetune, loop
+  cfg.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64)
+  cfg.tokenizer.update(model_type='bpe', vocab_size=120, byte_fallback=False)
+  cfg.train.update(steps=2, eval_every=0, eval_batches=1, checkpoint_every=1, sample_tokens=0)
+  cfg.finetune.replay = 0.0
+  loop.train(cfg, tmp_path / 'base')
+  cfg.finetune.update(restore_from=str(tmp_path / 'base'), replay=0.25, general_eval=True)
+  # The general loss is measured on the replay source here, so the tradeoff has both sides.
+  cfg.finetune.replay_data.update(source='', builtin_subset='general')
+  cfg.data.update(batch_size=8)
+  summary = finetune.finetune(cfg, tmp_path / 'ft')
+  assert summary['step'] == 2
+  state = json.loads((tmp_path / 'ft' / 'checkpoints' / '2' / 'data' /
+                      'process_0-of-1.json').read_text())
+  assert set(state) == {'domain', 'replay'}
+  tradeoff = summary['report']['tradeoff']
+  assert tradeoff['replay'] == 0.25 and set(tradeoff) == {'replay', 'domain_gain', 'general_change'}
