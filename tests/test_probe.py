@@ -2,12 +2,20 @@
 fine-tuning data carries the association."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from lm import config, finetune, loop, probe
+from lm import config, finetune, loop, probe, sharding, step
+from lm import model as model_lib
+from lm import tokenizer as tokenizer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GENDER = json.loads((probe.BUILTIN_DIR / 'gender_occupation.json').read_text())
 
@@ -116,3 +124,55 @@ def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(base_model,
   assert not neutral['moved'], neutral
   assert neutral['shift_ci'][0] < 0 < neutral['shift_ci'][1]
   assert biased['shift'] > 5 * abs(neutral['shift'])
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def sharded_scores(tokenizer_path):
+  """Gender-probe scores of a fixed random tiny model, params sharded over every device."""
+  cfg = config.base_config()
+  cfg.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64, vocab_size=256)
+  mesh = sharding.make_mesh(cfg.mesh)
+  model = model_lib.build_model(cfg.model)
+  params, _ = sharding.init_sharded(step.init_fn(model, 64), mesh, cfg.mesh.rules,
+                                    jax.random.key(0))
+  scorer = probe.make_scorer(model, mesh, cfg.mesh.rules)
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  scores = probe.pair_scores(scorer, params, tok, probe.load('gender_occupation'), 64)
+  return scores, jax.tree.leaves(params)[0].is_fully_addressable
+
+
+def test_scores_of_params_spread_over_two_processes_equal_one_process(tmp_path):
+  tok_cfg = config.base_config().tokenizer
+  tok_cfg.update(model_type='bpe', vocab_size=256, byte_fallback=False)
+  pairs = probe.load('gender_occupation').pairs
+  tok_path = str(tmp_path / 'tok.model')
+  tokenizer_lib.train_tokenizer([p.a + ' ' + p.b for p in pairs], tok_cfg, tok_path)
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), tok_path,
+                             str(tmp_path / f'scores_{i}.json')], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+  expected, _ = sharded_scores(tok_path)
+  for i in range(2):
+    got = json.loads((tmp_path / f'scores_{i}.json').read_text())
+    assert not got['fully_addressable']  # Each process holds only its shards of the params.
+    np.testing.assert_allclose(got['scores'], expected, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == '__main__':  # One of the processes of the test above.
+  process_id, port, tokenizer_path, out_path = sys.argv[1:]
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                             process_id=int(process_id))
+  result, addressable = sharded_scores(tokenizer_path)
+  with open(out_path, 'w') as f:
+    json.dump({'scores': result.tolist(), 'fully_addressable': addressable}, f)
