@@ -92,7 +92,7 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
   seeds = {seed: {'seed': seed, 'data.shuffle_seed': seed} for seed in s['seeds']}
   domain_overrides = {**common, 'data.builtin_subset': 'email', 'train.steps': s['domain_steps'],
                       'optim.weight_decay': WEIGHT_DECAY, 'optim.warmup_steps': 10,
-                      'train.eval_every': max(s['domain_steps'] // 4, 1),
+                      'train.eval_every': max(s['domain_steps'] // 2, 1),  # 0, 1/2, end.
                       'train.checkpoint_every': max(s['domain_steps'] // 2, 1)}
   domain = Stage(
       name='domain', script='finetune.py', config='configs/finetune_domain.py',
