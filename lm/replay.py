@@ -46,7 +46,7 @@ def general_data(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The built-in general corpus, split as cfg.data splits it (all of its training documents)."""
   general = copy.deepcopy(cfg.data)
   general.update(source='builtin', builtin_subset='general', paths=(), prepared_dir='',
-                 mixture=(), train_fraction=1.0)
+                 mixture=(), train_fraction=1.0, num_epochs=0)  # Replay repeats forever.
   return general
 
 
