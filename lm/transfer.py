@@ -7,9 +7,11 @@ D_T = D_E - D_F (negative: pre-training hurt, "ossification").
 
 The curve is interpolated piecewise-linearly in (log D, loss) through the points made
 monotone (a running minimum over increasing D: more data, trained with early stopping, is
-never worse; a larger loss at more data is noise). Outside the measured range the first or
-last segment is extended (`extrapolated` says so: treat D_E there as an estimate, a lower
-bound when L_ft is below every from-scratch loss and the curve flattens).
+never worse; a larger loss at more data is noise). A fine-tuned loss outside the measured
+range gives a bound, not a number: below every from-scratch loss, D_E > the largest size
+(`bound` '>'); above every one, D_E < the smallest (`bound` '<'). Extending a nearly flat
+curve would give absurd figures (1e20 tokens), and a power-law fit to 4-5 noisy points is
+no better founded.
 """
 
 from __future__ import annotations
@@ -68,24 +70,23 @@ class ScalingCurve:
         return i
     return len(self.log_data) - 2
 
-  def data_for_loss(self, loss: float) -> tuple[float, bool]:
-    """(tokens from scratch that reach `loss`, whether that lies outside the measured range)."""
+  def data_for_loss(self, loss: float) -> tuple[float, str]:
+    """(tokens from scratch that reach `loss`, bound): bound '' inside the measured range;
+    '>' (more than the largest size) or '<' (less than the smallest) outside it."""
     xs, ys = self.log_data, self.loss
-    extrapolated = not ys[-1] <= loss <= ys[0]
-    # The segment holding `loss`; beyond the ends, the nearest end's sloped segment.
-    sloped = [i for i in range(len(xs) - 1) if ys[i] > ys[i + 1]]
+    if loss < ys[-1]:
+      return math.exp(xs[-1]), '>'
     if loss > ys[0]:
-      i = sloped[0]
-    elif loss < ys[-1]:
-      i = sloped[-1]
-    else:
-      i = next(i for i in sloped if ys[i + 1] <= loss <= ys[i])
+      return math.exp(xs[0]), '<'
+    # The first sloped segment holding `loss` (flat stretches come from the running minimum).
+    i = next(i for i in range(len(xs) - 1) if ys[i] > ys[i + 1] and ys[i + 1] <= loss <= ys[i])
     x = xs[i] + (loss - ys[i]) * (xs[i + 1] - xs[i]) / (ys[i + 1] - ys[i])
-    return math.exp(x), extrapolated
+    return math.exp(x), ''
 
 
 def effective_data(curve: ScalingCurve, finetuned_loss: float, finetune_data: float) -> dict:
-  """D_E, D_T = D_E - D_F and the fraction D_T / D_E for one fine-tuned result."""
-  d_e, extrapolated = curve.data_for_loss(finetuned_loss)
+  """D_E, D_T = D_E - D_F and D_T / D_E for one fine-tuned result; `bound` '>' / '<' marks
+  D_E (and so D_T) as a lower / upper bound (see the module docstring)."""
+  d_e, bound = curve.data_for_loss(finetuned_loss)
   return {'effective_data': d_e, 'transferred_data': d_e - finetune_data,
-          'transfer_fraction': (d_e - finetune_data) / d_e, 'extrapolated': extrapolated}
+          'transfer_fraction': (d_e - finetune_data) / d_e, 'bound': bound}

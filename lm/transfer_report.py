@@ -16,7 +16,8 @@ Best learning rate per cell: the lowest mean domain validation loss over the see
 validation batches the table reports, so the selected cell is slightly optimistic; with a
 2-point grid the effect is small). Spread = sample standard deviation over seeds.
 Effective data: lm.transfer on the from-scratch curve (every scratch share, each at its best
-learning rate, mean over seeds).
+learning rate, mean over seeds); '> N' where the fine-tuned loss is below every from-scratch
+loss (D_E is more than the largest size N), '< N' where it is above every one.
 """
 
 from __future__ import annotations
@@ -122,22 +123,21 @@ def markdown(cells: list[dict]) -> str:
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for c in cells:
     d_e = c.get('effective_data')
-    mark = ' (extrapolated)' if c.get('extrapolated') else ''
+    bound = {'>': '> ', '<': '< '}.get(c.get('bound', ''), '')
     lines.append(
         f"| {c['recipe']} | {c['data.train_fraction']:g} | {_tokens(c['train_tokens'])} | "
         f"{c['best_lr']:g} | {c['seeds']} | {_pm(c['domain_loss_mean'], c['domain_loss_sd'])} | "
         f"{_pm(c['general_loss_mean'], c['general_loss_sd'])} | "
         f"{_pm(c['domain_gain_mean'], c['domain_gain_sd'])} | "
         f"{_pm(c['general_change_mean'], c['general_change_sd'])} | "
-        f"{_tokens(d_e)}{mark if d_e is not None else ''} | "
-        f"{_tokens(c.get('transferred_data'))} |")
+        f"{bound}{_tokens(d_e)} | {bound}{_tokens(c.get('transferred_data'))} |")
   return '\n'.join(lines)
 
 
 def write_csv(cells: list[dict], path: str) -> None:
   columns = ['recipe', 'data.train_fraction', 'train_tokens', 'best_lr', 'lrs_tried', 'seeds']
   columns += [f'{m}_{s}' for m in METRICS for s in ('mean', 'sd')]
-  columns += ['effective_data', 'transferred_data', 'transfer_fraction', 'extrapolated']
+  columns += ['effective_data', 'transferred_data', 'transfer_fraction', 'bound']
   with open(path, 'w', newline='') as f:
     writer = csv.DictWriter(f, columns, extrasaction='ignore')
     writer.writeheader()

@@ -20,10 +20,13 @@ def test_effective_data_on_a_known_curve():
   assert out['effective_data'] == pytest.approx(3e4, rel=1e-9)
   assert out['transferred_data'] == pytest.approx(2.9e4, rel=1e-9)
   assert out['transfer_fraction'] == pytest.approx(29 / 30)
-  assert not out['extrapolated']
-  # Better than from scratch on all the data: the last segment extended, and flagged.
+  assert out['bound'] == ''
+  # Better than from scratch on all the data: a lower bound (more than the largest size).
   out = transfer.effective_data(curve, log_linear(5e6), finetune_data=1e5)
-  assert out['effective_data'] == pytest.approx(5e6, rel=1e-9) and out['extrapolated']
+  assert out['effective_data'] == pytest.approx(1e6) and out['bound'] == '>'
+  assert out['transferred_data'] == pytest.approx(9e5)  # At least.
+  # Worse than from scratch on the least data: an upper bound.
+  assert transfer.effective_data(curve, log_linear(10), finetune_data=1e3)['bound'] == '<'
   # Worse than its own data from scratch: negative transfer.
   out = transfer.effective_data(curve, log_linear(2e4), finetune_data=1e5)
   assert out['transferred_data'] == pytest.approx(-8e4, rel=1e-9)
