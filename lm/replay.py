@@ -138,9 +138,12 @@ def make_train_iterator(cfg: ml_collections.ConfigDict, tokenizer, *, process_in
   domain_cfg.data.batch_size = domain_rows
   domain = data.make_pipeline(domain_cfg, tokenizer, 'train', process_index=process_index,
                               process_count=process_count, task=task)
-  replay = data.make_pipeline(replay_config(cfg, replay_rows_), tokenizer, 'train',
-                              process_index=process_index, process_count=process_count,
-                              task='lm')
+  try:
+    replay = data.make_pipeline(replay_config(cfg, replay_rows_), tokenizer, 'train',
+                                process_index=process_index, process_count=process_count,
+                                task='lm')
+  except data.DataError as e:  # Its messages name data.* keys: say which section they are.
+    raise data.DataError(f'finetune.replay_data (the replay source): {e}') from None
   shards = cfg.data.shard_count or process_count
   return ReplayIterator(domain, replay, local_shards=shards // process_count)
 

@@ -140,13 +140,17 @@ def test_default_source_is_general_split_like_the_general_eval(cfg):
   assert source.batch_size == 2 and source.seq_len == cfg.data.seq_len
 
 
-def test_bad_settings_name_the_key(cfg, tok):
+def test_bad_settings_name_the_key(cfg, tok, tmp_path):
   cfg.finetune.replay = 0.05  # round(0.95 * 8) = 8: no replay row at all.
   with pytest.raises(ConfigError, match='finetune.replay.*8 domain \\+ 0 replay'):
     replay.make_train_iterator(cfg, tok)
   cfg.finetune.replay = 0.25
   cfg.data.shard_count = 4  # 6 domain rows over 4 shards.
   with pytest.raises(ConfigError, match='finetune.replay.*4 data shards'):
+    replay.make_train_iterator(cfg, tok)
+  cfg.data.shard_count = 0
+  cfg.finetune.replay_data.paths = (str(tmp_path / 'missing.jsonl'),)
+  with pytest.raises(data.DataError, match='finetune.replay_data .*missing.jsonl'):
     replay.make_train_iterator(cfg, tok)
   cfg.finetune.replay = 1.0
   with pytest.raises(ConfigError, match='finetune.replay'):
