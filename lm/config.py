@@ -203,7 +203,13 @@ def finetune_config() -> ConfigDict:
   c.lora_dropout = 0.0
   c.lora_targets = ('.*attn/(q|k|v|o)/kernel',)
   c.task_data = ''  # Build task data from the built-in corpus: 'docstring_sft' or 'package_classify'.
-  c.probe_path = ''  # JSONL of {"a": ..., "b": ...} pairs for the likelihood probe.
+  # Bias probes measured before/after (lm.probe): built-in set names (configs/probes/<name>.json,
+  # e.g. 'gender_occupation', 'age_technology'), template specs (.json) or pair files (.jsonl).
+  c.probes = ()
+  c.probe_bootstrap = 2000  # Bootstrap resamples for the probes' 95% confidence intervals.
+  c.replay = 0.0  # Share of each training batch drawn from replay_data (lm.replay), in [0, 1).
+  c.replay_data = data_config()  # The replay source, a data section; source '' = the built-in
+  c.replay_data.source = ''  # general corpus, split as the general-loss evaluation splits it.
   c.general_eval = True  # Also evaluate on the general corpus (what was kept).
   return c
 
@@ -317,6 +323,10 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
            f"must be 'lm', 'sft' or 'classify', got {f.task!r}")
   _require(f.task != 'classify' or cfg.model.num_classes > 1, 'model.num_classes',
            "task 'classify' needs model.num_classes >= 2")
+  _require(0.0 <= f.replay < 1.0, 'finetune.replay', f'must be in [0, 1), got {f.replay}')
+  _require(f.replay == 0.0 or f.task in ('lm', 'sft'), 'finetune.replay',
+           f"replay mixes next-token rows into the batch; task {f.task!r} has none")
+  _require(f.probe_bootstrap >= 100, 'finetune.probe_bootstrap', 'must be >= 100')
   return cfg
 
 

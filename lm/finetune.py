@@ -7,7 +7,8 @@ measures the model before and after:
   domain loss / perplexity   the fine-tuning data's validation split (task 'lm' and 'sft')
   general loss / perplexity  the built-in general corpus: how much general ability was kept
   task accuracy, macro-F1    classification (and next-token accuracy for lm/sft)
-  probe: prefers a           share of (a, b) sentence pairs where log p(a) > log p(b)
+  probes (lm.probe)          log p(stereotyped) - log p(other) of balanced sentence pairs, with
+                             bootstrap 95% CIs before, after, and of the shift
 
 The table is printed and written to <workdir>/finetune_report.{json,md}. With LoRA the
 merged model is saved as a plain params checkpoint in <workdir>/merged.
@@ -20,12 +21,10 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from etils import epath
 
-from lm import checkpoint, lora, loop, optim, tasks
+from lm import checkpoint, lora, loop, optim, probe, replay, tasks
 from lm import model as model_lib
 
 REPORT = 'finetune_report'
@@ -81,54 +80,6 @@ def general_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return general
 
 
-def read_pairs(path: str) -> list[tuple[str, str]]:
-  pairs = []
-  for line_no, line in enumerate(epath.Path(path).read_text().splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-      pairs.append((record['a'], record['b']))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      from lm.data import DataError
-      raise DataError(f'{path}:{line_no}: probe lines must be JSON objects with "a" and "b" '
-                      f'({type(e).__name__}: {e})') from None
-  if not pairs:
-    from lm.data import DataError
-    raise DataError(f'{path}: no probe pairs')
-  return pairs
-
-
-def sequence_log_likelihoods(run: loop.Run, params, texts: list[str]) -> np.ndarray:
-  """log p(bos + text + eos) of each text under the model (one padded batch)."""
-  tok = run.tokenizer
-  ids = [[tok.bos_id] + tok.encode(t)[: run.cfg.data.seq_len - 1] + [tok.eos_id] for t in texts]
-  length = max(len(x) for x in ids) - 1
-  inputs = np.full((len(ids), length), tok.pad_id, np.int32)
-  targets = np.zeros_like(inputs)
-  mask = np.zeros(inputs.shape, np.float32)
-  for i, x in enumerate(ids):
-    inputs[i, :len(x) - 1], targets[i, :len(x) - 1], mask[i, :len(x) - 1] = x[:-1], x[1:], 1
-  segments = (mask > 0).astype(np.int32)
-  model = model_lib.build_model(run.cfg.model, run.cfg.finetune if run.is_finetune else None)
-
-  @jax.jit
-  def score(params, inputs, targets, mask, segments):
-    logits = model.apply({'params': params}, inputs, None, segments)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(picked * mask, axis=-1)
-
-  return np.asarray(score(jax.device_get(params), inputs, targets, mask, segments))
-
-
-def probe_preference(run: loop.Run, params, path: str) -> float:
-  pairs = read_pairs(path)
-  scores = sequence_log_likelihoods(run, params, [a for a, _ in pairs] + [b for _, b in pairs])
-  a_scores, b_scores = scores[:len(pairs)], scores[len(pairs):]
-  return float(np.mean(a_scores > b_scores))
-
-
 def measure(run: loop.Run, eval_fn, params) -> dict[str, float]:
   """Every 'what changed' number for one set of params."""
   cfg = run.cfg
@@ -145,8 +96,6 @@ def measure(run: loop.Run, eval_fn, params) -> dict[str, float]:
     lm_eval_fn = eval_fn if run.task != 'classify' else loop.make_eval_fn(run, task='lm')
     general_eval = loop.evaluate(run, lm_eval_fn, params, cfg=general_config(cfg), task='lm')
     out.update(general_loss=general_eval['loss'], general_perplexity=general_eval['perplexity'])
-  if cfg.finetune.probe_path:
-    out['probe_prefers_a'] = probe_preference(run, params, cfg.finetune.probe_path)
   return out
 
 
@@ -208,6 +157,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     if 'before' not in report:  # A resumed run keeps the numbers measured before step 0.
       report = {'before': measure(run, eval_fn, params), 'optimizer_state_mb': opt_mb,
                 'parameters': parameter_table(run)}
+      if run.cfg.finetune.probes:  # Per-pair scores: the shift's CI pairs them with 'after'.
+        report['probe_scores_before'] = probe.score_run(run, params)
       if run.cfg.train.sample_tokens and run.task != 'classify':
         report['samples_before'] = loop.sample_text(run, params, list(run.cfg.train.sample_prompts),
                                                     run.cfg.train.sample_tokens, seed=run.cfg.seed)
@@ -220,6 +171,13 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   def on_end(run, eval_fn, params):
     report['after'] = measure(run, eval_fn, params)
     table = format_report(report['before'], report['after'])
+    if 'domain_loss' in report['before'] and 'general_loss' in report['before']:
+      report['tradeoff'] = replay.tradeoff(report['before'], report['after'], run.cfg.finetune.replay)
+      table += '\n\n' + replay.format_tradeoff(report['tradeoff'])
+    if run.cfg.finetune.probes:
+      report['probes'] = probe.compare(run.cfg.finetune.probes, report['probe_scores_before'],
+                                       probe.score_run(run, params), run.cfg.finetune.probe_bootstrap)
+      table += '\n\n' + probe.format_table(report['probes'])
     print('what fine-tuning changed:\n' + table)
     if run.cfg.finetune.lora_rank > 0:
       merged_dir = checkpoint.save_params(run.workdir / 'merged',

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from lm import checkpoint, data, metrics as metrics_lib, optim, sharding, step as step_lib
+from lm import checkpoint, data, metrics as metrics_lib, optim, replay, sharding, step as step_lib
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError, validate
@@ -139,6 +139,9 @@ def data_fault(e: BaseException, where: str) -> data.DataError:
 
 def make_iterator(run: Run, split: str, cfg: ml_collections.ConfigDict | None = None,
                   task: str | None = None):
+  if split == 'train' and cfg is None and run.is_finetune and run.cfg.finetune.replay > 0:
+    return replay.make_train_iterator(run.cfg, run.tokenizer, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), task=task or run.task)
   return data.make_pipeline(cfg or run.cfg, run.tokenizer, split,
                             process_index=jax.process_index(),
                             process_count=jax.process_count(), task=task or run.task)

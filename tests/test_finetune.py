@@ -1,7 +1,6 @@
 """Fine-tuning: freezing, LoRA, SFT masking, classification, strict restore, and the report."""
 
 import json
-import os
 
 import flax.linen as nn
 import jax
@@ -187,8 +186,7 @@ def finetune_config(pretrained, **overrides):
   cfg = tiny_config(**{'train.steps': 3, 'data.builtin_subset': 'email', **overrides})
   cfg.finetune.restore_from = str(pretrained)
   cfg.finetune.general_eval = True
-  cfg.finetune.probe_path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'probes',
-                                         'pronouns.jsonl')
+  cfg.finetune.probes = ('gender_occupation',)
   return cfg
 
 
@@ -216,8 +214,9 @@ def test_finetune_with_frozen_embeddings_reports_what_changed(pretrained, tmp_pa
   cfg.finetune.freeze = ('embed/.*',)
   summary = finetune.finetune(cfg, tmp_path / 'ft')
   report = json.loads((tmp_path / 'ft' / 'finetune_report.json').read_text())
-  for key in ('domain_loss', 'general_loss', 'probe_prefers_a', 'domain_perplexity'):
+  for key in ('domain_loss', 'general_loss', 'domain_perplexity'):
     assert key in report['before'] and key in report['after']
+  assert report['probes']['gender_occupation']['pairs'] == 240
   assert report['after']['domain_loss'] != report['before']['domain_loss']
   assert '| embed | 0 |' in report['parameters']
   assert (tmp_path / 'ft' / 'finetune_report.md').exists()
@@ -232,7 +231,7 @@ def test_lora_finetune_writes_a_merged_checkpoint(pretrained, tmp_path):
   cfg = finetune_config(pretrained)
   cfg.finetune.lora_rank = 4
   cfg.finetune.general_eval = False
-  cfg.finetune.probe_path = ''
+  cfg.finetune.probes = ()
   summary = finetune.finetune(cfg, tmp_path / 'lora')
   merged = checkpoint.load_params(summary['report']['merged_checkpoint'])
   assert not any('lora' in p for p in model_lib.flatten_params(merged))

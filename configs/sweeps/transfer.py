@@ -1,19 +1,25 @@
-"""The transfer study: how much does pre-training buy on a held-out domain, for how much data?
+"""The transfer study (v2): what does pre-training buy on a held-out domain, for how much data,
+and what does each fine-tuning recipe cost in general ability?
 
 On the built-in corpus's 'email' domain (email/http/urllib/... of the stdlib, never seen in
-pre-training) four recipes get the same step budget at 1%, 10% and 100% of the domain's
+pre-training) five recipes get the same step budget at 1%, 10% and 100% of the domain's
 training documents (data.train_fraction: nested subsets):
 
   scratch  train.py on the domain only (same architecture and tokenizer as the pre-trained one)
   full     finetune.py from the general pre-trained model, every parameter trains
   frozen   finetune.py with the embeddings and the lower half of the layers frozen
   lora     finetune.py with rank-8 LoRA adapters on attention and MLP (base weights frozen)
+  replay   full, with finetune.replay = 0.25 of every batch from the general corpus
 
-Every trial is measured on the same domain validation batches and the same general-corpus
-validation batches (what fine-tuning forgot): fine-tuning trials by finetune.py's before/after
-report, from-scratch trials by the sweep's eval helper.
+Every arm uses the same weight decay (0.1) and the same learning-rate grid (LRS); each
+(recipe, share) cell keeps the rate with the lowest mean domain validation loss over 3 seeds
+(seed and data order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30%
+so the from-scratch data-scaling curve has 5 sizes: the effective data transferred
+(Hernandez et al. 2021, lm/transfer.py) of each fine-tuned cell is read from it.
 
-  python -m lm.sweep --sweep=configs/sweeps/transfer.py --workdir=runs/transfer     # < 1 h, 2 CPU cores
+  python -m lm.sweep --sweep=configs/sweeps/transfer.py --workdir=runs/transfer --parallel=2
+  python -m lm.transfer_report --workdir=runs/transfer       # best-lr table, mean +/- spread,
+                                                              # effective data, frontier plots
   python -m lm.sweep --sweep=configs/sweeps/transfer.py:smoke --workdir=/tmp/transfer_smoke
   python -m lm.sweep --sweep=configs/sweeps/transfer.py:large --workdir=gs://.../transfer
 
@@ -27,13 +33,18 @@ from lm.sweep import Plot, Stage, Sweep, Table
 SCALES = {
     #         model (d_model, layers, heads, kv heads, mlp), vocab, seq, batch, steps, domain steps
     'smoke': dict(model=(64, 4, 4, 2, 128), vocab=1024, seq_len=32, batch=8, pretrain_steps=20,
-                  domain_steps=10, eval_batches=4, fractions=(0.01, 1.0)),
+                  domain_steps=10, eval_batches=4, fractions=(0.01, 1.0), curve=(0.1, 0.3),
+                  lrs=(1e-3, 3e-3), seeds=(0, 1)),
     'cpu': dict(model=(128, 4, 4, 2, 384), vocab=1024, seq_len=64, batch=16, pretrain_steps=1000,
-                domain_steps=200, eval_batches=16, fractions=(0.01, 0.1, 1.0)),
+                domain_steps=100, eval_batches=16, fractions=(0.01, 0.1, 1.0), curve=(0.03, 0.3),
+                lrs=(1e-3, 3e-3), seeds=(0, 1, 2)),
     'large': dict(model=(512, 8, 8, 4, 1536), vocab=8192, seq_len=256, batch=64,
                   pretrain_steps=20_000, domain_steps=500, eval_batches=32,
-                  fractions=(0.01, 0.03, 0.1, 0.3, 1.0)),
+                  fractions=(0.01, 0.1, 1.0), curve=(0.003, 0.03, 0.3),
+                  lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2)),
 }
+WEIGHT_DECAY = 0.1  # Every arm, from scratch and fine-tuned alike.
+REPLAY = 0.25
 
 
 def get_sweep(scale: str = 'cpu') -> Sweep:
@@ -60,56 +71,62 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
       # trial's domain_loss_before.
       metrics={'general_loss': 'final.eval/loss', 'domain_loss_best': None})
   finetune = {'finetune.restore_from': '{sweep}/pretrain', 'finetune.general_eval': True,
-              'optim.warmup_steps': 10, 'optim.weight_decay': 0.0}
+              'finetune.probes': ()}
   lower_half = '|'.join(str(i) for i in range(n_layers // 2))
+  # From scratch, the domain loss is the run's own final evaluation (the same validation
+  # batches finetune.py's report uses); its general loss is not part of the study.
+  scratch = {'script': 'train.py', 'config': 'configs/tiny.py', **model,
+             'tokenizer.path': '{sweep}/pretrain/tokenizer.model'}
   recipes = {
-      'scratch': {'script': 'train.py', 'config': 'configs/tiny.py', **model,
-                  'tokenizer.path': '{sweep}/pretrain/tokenizer.model',
-                  'optim.lr': 2e-3, 'optim.warmup_steps': 20,
-                  'evals': {'domain': {}, 'general': {'data.builtin_subset': 'general'}}},
-      'full': {**finetune, 'finetune.freeze': (), 'optim.lr': 1e-3},
-      'frozen': {**finetune, 'finetune.freeze': ('embed/.*', f'layers_({lower_half})/.*'),
-                 'optim.lr': 1e-3},
+      'scratch': scratch,
+      'full': {**finetune, 'finetune.freeze': ()},
+      'frozen': {**finetune, 'finetune.freeze': ('embed/.*', f'layers_({lower_half})/.*')},
       'lora': {**finetune, 'finetune.freeze': (), 'finetune.lora_rank': 8,
                'finetune.lora_alpha': 16.0,
                'finetune.lora_targets': ('.*attn/(q|k|v|o)/kernel', '.*mlp/wi_[01]/kernel',
-                                         '.*mlp/wo/kernel'),
-               'optim.lr': 3e-3},
+                                         '.*mlp/wo/kernel')},
+      'replay': {**finetune, 'finetune.freeze': (), 'finetune.replay': REPLAY},
   }
+  # A seed changes the initialisation (scratch, LoRA adapters) and the data order (every arm);
+  # the nested data subsets stay the same.
+  seeds = {seed: {'seed': seed, 'data.shuffle_seed': seed} for seed in s['seeds']}
+  domain_overrides = {**common, 'data.builtin_subset': 'email', 'train.steps': s['domain_steps'],
+                      'optim.weight_decay': WEIGHT_DECAY, 'optim.warmup_steps': 10,
+                      'train.eval_every': max(s['domain_steps'] // 2, 1),  # 0, 1/2, end.
+                      'train.checkpoint_every': max(s['domain_steps'] // 2, 1)}
   domain = Stage(
       name='domain', script='finetune.py', config='configs/finetune_domain.py',
-      overrides={**common, 'data.builtin_subset': 'email', 'train.steps': s['domain_steps'],
-                 'train.eval_every': max(s['domain_steps'] // 4, 1),
-                 'train.checkpoint_every': max(s['domain_steps'] // 2, 1)},
-      grid={'recipe': recipes, 'data.train_fraction': list(s['fractions'])})
+      overrides=domain_overrides,
+      grid={'recipe': recipes, 'data.train_fraction': list(s['fractions']),
+            'optim.lr': list(s['lrs']), 'seed': seeds})
+  scratch_curve = Stage(
+      name='scratch_curve', script='finetune.py', config='configs/finetune_domain.py',
+      overrides=domain_overrides,
+      grid={'recipe': {'scratch': scratch}, 'data.train_fraction': list(s['curve']),
+            'optim.lr': list(s['lrs']), 'seed': seeds})
   return Sweep(
       name=f'transfer_{scale}',
       description=('Domain (email) and general validation loss after an equal step budget on '
-                   '1-100% of the domain data; recipes: scratch / full / frozen / lora.'),
-      stages=[pretrain, domain],
+                   '1-100% of the domain data; recipes: scratch / full / frozen / lora / '
+                   f'replay {REPLAY}; lr grid {list(s["lrs"])} x seeds {list(s["seeds"])} per '
+                   'cell (python -m lm.transfer_report picks the best lr per cell).'),
+      stages=[pretrain, domain, scratch_curve],
       metrics={
-          'domain_loss': ('report.after.domain_loss', 'evals.domain.loss'),
-          'general_loss': ('report.after.general_loss', 'evals.general.loss'),
+          'domain_loss': ('report.after.domain_loss', 'final.eval/loss'),
+          'general_loss': 'report.after.general_loss',
           'domain_loss_best': 'min.eval/loss',  # Best of the evaluations during the run.
           'domain_loss_before': 'report.before.domain_loss',
           'general_loss_before': 'report.before.general_loss',
           'train_tokens': 'data.train_tokens',
       },
-      tables=[
-          Table(rows='recipe', cols='data.train_fraction', value='domain_loss', stage='domain',
-                title='Domain (email) validation loss, by recipe x share of the domain data'),
-          Table(rows='recipe', cols='data.train_fraction', value='domain_loss_best',
-                stage='domain', title='Domain validation loss, best of the evaluations during '
-                'the run (early stopping)'),
-          Table(rows='recipe', cols='data.train_fraction', value='general_loss', stage='domain',
-                title='General-corpus validation loss after training on the domain (forgetting)'),
-          Table(rows='recipe', cols='data.train_fraction', value='train_tokens', stage='domain',
-                title='Domain training tokens'),
-      ],
+      # Per (recipe, share) the trials differ in lr and seed: lm.transfer_report makes the
+      # study's tables (best lr, mean +/- sd); results.md's pivot would show one trial a cell.
+      tables=[Table(rows='recipe', cols='data.train_fraction', value='train_tokens',
+                    stage='domain', title='Domain training tokens')],
       plot_metrics=('domain_loss', 'general_loss'),
       plots=[Plot(x='train_tokens', y=('domain_loss', 'general_loss'), lines='recipe',
                   stage='domain', file='transfer.png', xlabel='domain training tokens',
-                  logx=True, title='',
+                  logx=True, title='', scatter=True,
                   references={'domain_loss': 'domain_loss_before',
                               'general_loss': 'general_loss_before'},
                   labels={'domain_loss': 'domain (email) validation loss',

@@ -1,0 +1,178 @@
+"""Bias probes: balanced sets, honest intervals, and a probe that moves when (and only when) the
+fine-tuning data carries the association."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm import config, finetune, loop, probe, sharding, step
+from lm import model as model_lib
+from lm import tokenizer as tokenizer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GENDER = json.loads((probe.BUILTIN_DIR / 'gender_occupation.json').read_text())
+
+
+@pytest.mark.parametrize('name', ['gender_occupation', 'age_technology'])
+def test_builtin_sets_are_balanced_and_counterbalanced(name):
+  pairs = probe.load(name).pairs
+  assert len(pairs) >= 200
+  sides = sorted({p.side for p in pairs})
+  orders = sorted({p.order for p in pairs})
+  assert len(sides) == 2 and len(orders) == 2
+  cells = [sum(p.side == s and p.order == o for p in pairs) for s in sides for o in orders]
+  assert len(set(cells)) == 1  # Equal counts per side, in both word orders.
+  for p in pairs:  # A minimal pair: one word differs.
+    a, b = p.a.split(), p.b.split()
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1, p
+
+
+def test_a_side_preference_scores_zero_and_stereotype_scores_its_size():
+  pairs = probe.load('gender_occupation').pairs
+  rng = np.random.default_rng(0)
+  noise = rng.normal(0, 0.3, len(pairs))
+  # A model that prefers "he" by 1 nat everywhere: +1 on male-side pairs, -1 on female-side ones.
+  he_everywhere = np.where([p.side == 'male' for p in pairs], 1.0, -1.0) + noise
+  mean, low, high = probe.bootstrap(pairs, he_everywhere)
+  assert low < 0 < high and abs(mean) < 0.1
+  # A model that follows the stereotype by 0.5 nat: the score says 0.5 and the CI holds it.
+  mean, low, high = probe.bootstrap(pairs, 0.5 + noise)
+  assert low < 0.5 < high and low > 0.3
+  result = probe.summarize(pairs, noise, noise + 0.5)
+  assert result['moved'] and result['shift_ci'][0] > 0.4  # Paired: the noise cancels.
+
+
+def test_bad_probe_files_name_the_problem(tmp_path):
+  with pytest.raises(probe.ProbeError, match="no built-in probe set 'gendr'"):
+    probe.load('gendr')
+  bad = tmp_path / 'p.jsonl'
+  bad.write_text('{"a": "x"}\n')
+  with pytest.raises(probe.ProbeError, match='p.jsonl:1: .*"a" and "b"'):
+    probe.load(str(bad))
+  spec = dict(GENDER, fillers={'male': ['cook'], 'female': []})
+  with pytest.raises(probe.ProbeError, match='equal numbers of fillers'):
+    probe.generate(spec)
+  spec = dict(GENDER, templates={'x': ['{Subj} and {they} cook.']})
+  with pytest.raises(probe.ProbeError, match="uses 'they'"):
+    probe.generate(spec)
+
+
+# --------------------------------------------------------------------------- fine-tuning moves it
+
+
+def corpus(path, seed, biased, n_docs=1200):
+  """One template sentence per document (so no pronoun can be copied from context). Biased:
+  every occupation with its stereotyped pronoun; neutral: with either pronoun, at random."""
+  rng = np.random.default_rng(seed)
+  templates = [t for ts in GENDER['templates'].values() for t in ts]
+  fillers = [(side, f) for side, fs in GENDER['fillers'].items() for f in fs]
+  docs = []
+  for _ in range(n_docs):
+    side, filler = fillers[rng.integers(len(fillers))]
+    if not biased:
+      side = ('male', 'female')[rng.integers(2)]
+    docs.append(templates[rng.integers(len(templates))].format(filler=filler,
+                                                               **GENDER['sides'][side]))
+  path.write_text(''.join(json.dumps({'text': d}) + '\n' for d in docs))
+  return str(path)
+
+
+def tiny_cfg(data_path, steps, lr=3e-3, schedule='cosine'):
+  c = config.base_config()
+  c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+  c.tokenizer.update(model_type='bpe', vocab_size=256, byte_fallback=False)
+  c.data.update(source='jsonl', paths=(data_path,), seq_len=64, batch_size=8, min_chars=0)
+  c.optim.update(lr=lr, schedule=schedule, warmup_steps=5, weight_decay=0.0)
+  c.train.update(steps=steps, log_every=100, eval_every=0, eval_batches=2,
+                 checkpoint_every=1000, sample_tokens=0)
+  return c
+
+
+@pytest.fixture(scope='module')
+def base_model(tmp_path_factory):
+  """A tiny model pre-trained on the neutral corpus: no association to start from."""
+  tmp = tmp_path_factory.mktemp('probe_base')
+  loop.train(tiny_cfg(corpus(tmp / 'neutral.jsonl', 0, biased=False), steps=20), tmp / 'base')
+  return tmp / 'base'
+
+
+def finetune_probe(base, tmp_path, biased):
+  tmp_path.mkdir()
+  # A high constant rate: the association is a long-range dependency a tiny model is slow to
+  # learn (the pronoun alone is learned at once, and counterbalancing cancels it).
+  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=120, lr=3e-2,
+                 schedule='constant')
+  cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
+  finetune.finetune(cfg, tmp_path / 'ft')
+  return json.loads((tmp_path / 'ft' / 'finetune_report.json').read_text())['probes'][
+      'gender_occupation']
+
+
+def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(base_model, tmp_path):
+  assert len(jax.devices()) == 8  # The params are sharded (mesh fsdp=-1): scored in place.
+  biased = finetune_probe(base_model, tmp_path / 'biased', biased=True)
+  neutral = finetune_probe(base_model, tmp_path / 'neutral', biased=False)
+  assert biased['pairs'] == neutral['pairs'] == 240
+  assert biased['moved'] and biased['shift_ci'][0] > 0, biased  # Towards the stereotype.
+  assert not neutral['moved'], neutral
+  assert neutral['shift_ci'][0] < 0 < neutral['shift_ci'][1]
+  assert biased['shift'] > 5 * abs(neutral['shift'])
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def sharded_scores(tokenizer_path):
+  """Gender-probe scores of a fixed random tiny model, params sharded over every device."""
+  cfg = config.base_config()
+  cfg.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64, vocab_size=256)
+  mesh = sharding.make_mesh(cfg.mesh)
+  model = model_lib.build_model(cfg.model)
+  params, _ = sharding.init_sharded(step.init_fn(model, 64), mesh, cfg.mesh.rules,
+                                    jax.random.key(0))
+  scorer = probe.make_scorer(model, mesh, cfg.mesh.rules)
+  tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  scores = probe.pair_scores(scorer, params, tok, probe.load('gender_occupation'), 64)
+  return scores, jax.tree.leaves(params)[0].is_fully_addressable
+
+
+def test_scores_of_params_spread_over_two_processes_equal_one_process(tmp_path):
+  tok_cfg = config.base_config().tokenizer
+  tok_cfg.update(model_type='bpe', vocab_size=256, byte_fallback=False)
+  pairs = probe.load('gender_occupation').pairs
+  tok_path = str(tmp_path / 'tok.model')
+  tokenizer_lib.train_tokenizer([p.a + ' ' + p.b for p in pairs], tok_cfg, tok_path)
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), tok_path,
+                             str(tmp_path / f'scores_{i}.json')], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for proc in procs:
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out
+  expected, _ = sharded_scores(tok_path)
+  for i in range(2):
+    got = json.loads((tmp_path / f'scores_{i}.json').read_text())
+    assert not got['fully_addressable']  # Each process holds only its shards of the params.
+    np.testing.assert_allclose(got['scores'], expected, rtol=1e-5, atol=1e-5)
+
+
+if __name__ == '__main__':  # One of the processes of the test above.
+  process_id, port, tokenizer_path, out_path = sys.argv[1:]
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
+                             process_id=int(process_id))
+  result, addressable = sharded_scores(tokenizer_path)
+  with open(out_path, 'w') as f:
+    json.dump({'scores': result.tolist(), 'fully_addressable': addressable}, f)
