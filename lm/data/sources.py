@@ -125,6 +125,7 @@ def source_key(cfg, task: str | None = None) -> dict:
   """Every setting that decides which documents are read and kept (cache keys)."""
   d = cfg.data
   keys = ('source', 'builtin_subset', 'builtin_kinds', 'paths', 'mixture', 'text_unit',
+          'validation_paths',
           'text_field', 'prompt_field', 'completion_field', 'label_field', 'on_error', 'dedup',
           'near_dedup', 'near_dedup_threshold', 'min_chars', 'max_chars', 'max_nontext_fraction')
   key = {k: d[k] for k in keys}
