@@ -234,15 +234,16 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
             for u in set(drop) | set(near)}
   names = sorted({l for s in summaries for l in s['labels']}, key=documents.label_sort_key)
   label_ids = {name: i for i, name in enumerate(names)}
-  finals = {}
-  jobs = []
+  # With data.validation_paths those files are the validation split and every source document trains.
+  share = 0.0 if documents.validation_component(cfg) is not None else d.validation_share
+  finals, jobs = {}, []
   for i, (_, is_validation) in enumerate(units):
     final = _unit_file(out_dir, i, 'final.json')
     if final.exists():
       finals[i] = json.loads(final.read_text())
     else:
       jobs.append((i, len(units), is_validation, out_dir, drop.get(i, np.zeros(0, np.int64)),
-                   label_ids, d.validation_share))
+                   label_ids, share))
   results = _run_parallel(_finalize_unit, jobs, workers, lambda s: s)
   finals.update({job[0]: result for job, result in zip(jobs, results)})
   meta = {'format': PREPARED_FORMAT, 'task': task, 'tokenizer_fingerprint': tokenizer.fingerprint,
