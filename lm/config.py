@@ -148,7 +148,7 @@ def data_config() -> ConfigDict:
   c.read_threads = 2  # Threads grain uses in-process to read and tokenize documents.
   c.prefetch_batches = 2  # Batches a background thread prepares ahead of the train step (0 = none).
   c.shard_count = 0  # Logical training-data shards (0 = the process count); any process count dividing it gives the same batches.
-  c.read_chunk_bytes = 64 << 20  # Files stream in units of about this size (JSONL byte ranges); a unit is what one shard or prepare worker reads at a time.
+  c.read_chunk_bytes = 32 << 20  # Files stream in units of about this size (JSONL byte ranges); a unit is what one shard or prepare worker reads at a time.
   c.shuffle_window = 10_000  # Documents a streamed (unprepared) file source shuffles within; prepared shards shuffle globally.
   c.dedup_buckets = 64  # prepare: exact dedup sorts hashes in this many on-disk buckets (memory ~ 24 bytes x documents / buckets).
   c.near_dedup_max_docs = 2_000_000  # prepare: MinHash near-dedup keeps an in-memory index (~1 KB/document); larger corpora are refused.
