@@ -87,20 +87,38 @@ dedup), split (hash rank), documents (a small corpus in memory), tokenize, packi
 them), pipeline (make_pipeline), measure (report, bench), __main__ (the CLI).
 """
 
-from lm.data.documents import (class_names, data_stats, load_documents, load_or_train_tokenizer,
-                               split_components, tokenizer_cache_key, tokenizer_training_texts)
-from lm.data.packing import (ClassifyRow, PackedBatchIterDataset, StackRows, TakeRows,
-                             TokenStream, pack_rows)
-from lm.data.pipeline import make_pipeline
-from lm.data.prepare_job import prepare
-from lm.data.prepared import prepared_dataset, read_prepared_meta
-from lm.data.readers import expand_paths
-from lm.data.measure import bench, report
-from lm.data.shards import (ShardedBatchesIterDataset, merge_iterator_states, process_shards,
-                            restore_iterator)
-from lm.data.sources import (SOURCES, TASKS, Component, Record, check_data_config, components,
-                             is_builtin_only, source_key)
-from lm.data.split import split_rank
-from lm.data.stats import SPLITS, DataError, DataStats
-from lm.data.tokenize import (TokenizeRecord, concat_docs, decode_prepared, encode_prepared,
-                              tokenize_records)
+import importlib
+
+# Names re-exported from the stage modules, imported on first use: `import lm.data` stays
+# light (prepare's worker processes and the CLI's error handling need no grain or JAX).
+_MODULE_NAMES = {
+    'documents': 'class_names data_stats load_documents load_or_train_tokenizer split_components '
+                 'tokenizer_cache_key tokenizer_training_texts',
+    'measure': 'bench report',
+    'packing': 'ClassifyRow PackedBatchIterDataset StackRows TakeRows TokenStream pack_rows',
+    'pipeline': 'make_pipeline',
+    'prepare_job': 'prepare',
+    'prepared': 'prepared_dataset read_prepared_meta',
+    'readers': 'expand_paths',
+    'shards': 'ShardedBatchesIterDataset merge_iterator_states process_shards restore_iterator',
+    'sources': 'Component Record SOURCES TASKS check_data_config components is_builtin_only '
+               'source_key',
+    'split': 'split_rank',
+    'stats': 'DataError DataStats SPLITS',
+    'tokenize': 'TokenizeRecord concat_docs decode_prepared encode_prepared tokenize_records',
+}
+_EXPORTS = {name: module for module, names in _MODULE_NAMES.items() for name in names.split()}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

@@ -16,9 +16,6 @@ import time
 from collections.abc import Sequence
 
 from lm import corpus
-from lm.data.documents import load_or_train_tokenizer
-from lm.data.measure import bench, report
-from lm.data.prepare_job import default_workers, prepare
 from lm.data.sources import source_key
 from lm.data.stats import SPLITS, DataError
 
@@ -42,6 +39,11 @@ def _main(argv: Sequence[str]) -> None:
 
 
 def _run_command(command: str, cfg, f) -> None:
+  # Imported here: prepare's spawned workers re-import this module and need none of them.
+  # pylint: disable=import-outside-toplevel
+  from lm.data.documents import load_or_train_tokenizer
+  from lm.data.measure import bench, report
+  from lm.data.prepare_job import default_workers, prepare
   # Prepared shards carry their tokenizer; otherwise a cache directory per source + tokenizer.
   workdir = f.workdir or cfg.data.prepared_dir
   if not workdir:

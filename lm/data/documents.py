@@ -16,8 +16,8 @@ from lm.data.stream import SplitSelector, unit_records
 from lm.data.units import list_units
 from lm.data.filters import filter_records, filter_text
 from lm.data.readers import expand_paths, read_component
-from lm.data.sources import (Component, Record, as_tuple, check_data_config, components,
-                             is_builtin_only, kind_from_extension, source_key)
+from lm.data.sources import (Component, Record, check_data_config, components, is_builtin_only,
+                             label_sort_key, source_key, validation_component)
 from lm.data.stats import SPLITS, DataError, DataStats, OnError
 
 
@@ -58,14 +58,6 @@ def _component_records(comp: Component, cfg, task: str) -> tuple[list[Record], D
       _RECORDS_CACHE.pop(next(iter(_RECORDS_CACHE)))
     _RECORDS_CACHE[key] = (records, stats)
   return _RECORDS_CACHE[key]
-
-
-def validation_component(cfg) -> Component | None:
-  """data.validation_paths as one component (its kind from the first path's extension)."""
-  paths = as_tuple(cfg.data.validation_paths)
-  if not paths:
-    return None
-  return Component('validation_paths', kind_from_extension(paths[0]), paths=paths)
 
 
 def split_components(cfg, task: str | None = None, train_fraction: float | None = None,
@@ -147,10 +139,6 @@ def tokenizer_training_texts(cfg) -> list[str]:
     raise DataError('cannot train a tokenizer: the training split has no documents '
                     f'({data_stats(cfg).summary()})')
   return [filter_text(r) for r in records[:int(cfg.tokenizer.max_train_docs)]]
-
-
-def label_sort_key(label: str):
-  return (0, int(label), '') if re.fullmatch(r'-?\d+', label) else (1, 0, label)
 
 
 def class_names(cfg) -> list[str]:

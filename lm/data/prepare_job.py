@@ -28,10 +28,10 @@ import time
 from etils import epath
 import numpy as np
 
-from lm.data import dedup, documents
+from lm.data import dedup
 from lm.data.filters import content_hash, filter_text, quality_reason
 from lm.data.prepared import PREPARED_FORMAT, PREPARED_META, shard_name
-from lm.data.sources import check_data_config, components
+from lm.data.sources import check_data_config, components, label_sort_key, validation_component
 from lm.data.split import split_rank
 from lm.data.stats import SPLITS, DataError, DataStats, OnError
 from lm.data.tokenize import decode_prepared, encode_prepared, tokenize_records
@@ -54,7 +54,7 @@ def plan_units(cfg) -> list[tuple[Unit, bool]]:
   d = cfg.data
   [comp] = components(cfg)
   units = [(u, False) for u in list_units(comp, d, int(d.prepare_shards))]
-  validation = documents.validation_component(cfg)
+  validation = validation_component(cfg)
   if validation is not None:
     units += [(u, True) for u in list_units(validation, d, 1, 'data.validation_paths')]
   return units
@@ -232,10 +232,10 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
     stats.filtered['near_duplicate'] += sum(len(v) for v in near.values())
     drop = {u: np.union1d(drop.get(u, np.zeros(0, np.int64)), near.get(u, np.zeros(0, np.int64)))
             for u in set(drop) | set(near)}
-  names = sorted({l for s in summaries for l in s['labels']}, key=documents.label_sort_key)
+  names = sorted({l for s in summaries for l in s['labels']}, key=label_sort_key)
   label_ids = {name: i for i, name in enumerate(names)}
   # With data.validation_paths those files are the validation split and every source document trains.
-  share = 0.0 if documents.validation_component(cfg) is not None else d.validation_share
+  share = 0.0 if validation_component(cfg) is not None else d.validation_share
   finals, jobs = {}, []
   for i, (_, is_validation) in enumerate(units):
     final = _unit_file(out_dir, i, 'final.json')

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from etils import epath
-import grain
 
 from lm.data.stats import DataError, DataStats
 from lm.data.split import fraction_count
@@ -49,9 +48,10 @@ def _checked_count(path: epath.Path, expected: int) -> None:
                     f'{expected}; prepare the data again')
 
 
-def prepared_dataset(cfg, tokenizer, split: str, task: str) -> tuple[grain.MapDataset, DataStats]:
+def prepared_dataset(cfg, tokenizer, split: str, task: str) -> tuple['grain.MapDataset', DataStats]:
   """The split's records in shard order (random access); train_fraction keeps a prefix of each
   shard, whose records prepare sorted by hash rank: a nested random subset."""
+  import grain  # pylint: disable=import-outside-toplevel  (grain imports JAX: keep it off prepare's workers)
   meta = read_prepared_meta(cfg.data.prepared_dir)
   if meta['tokenizer_fingerprint'] != tokenizer.fingerprint:
     raise DataError(

@@ -16,7 +16,7 @@ import functools
 import grain
 
 from lm.data import documents, prepared
-from lm.data.sources import Component, components
+from lm.data.sources import Component, components, validation_component
 from lm.data.stats import DataError, DataStats
 from lm.data.stream import SplitSelector, UnitStreamIterDataset, unit_records
 from lm.data.tokenize import TokenizeRecord
@@ -41,7 +41,7 @@ def _stream(comp: Component, cfg, split: str, task: str, shard: tuple[int, int],
             stats: DataStats, key: str) -> grain.IterDataset:
   train = split == 'train'
   index, count = shard
-  explicit = documents.validation_component(cfg) is not None
+  explicit = validation_component(cfg) is not None
   selector = SplitSelector(cfg.data.validation_share, cfg.data.train_fraction, explicit)
   units = shard_units(list_units(comp, cfg.data, count, key), index, count)
   read = functools.partial(_read_unit, task=task, d=cfg.data, split=split, selector=selector,
@@ -71,7 +71,7 @@ def shard_documents(cfg, tokenizer, split: str, task: str, shard: tuple[int, int
     return [(ds.to_iter_dataset(read_options), 1.0, not len(ds))], stats
   tokenize = TokenizeRecord(tokenizer, task, label_ids)
   comps = components(cfg)
-  validation = documents.validation_component(cfg)
+  validation = validation_component(cfg)
   if validation is not None and not train:
     comps, key = [validation], 'data.validation_paths'
   else:

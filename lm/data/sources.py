@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import NamedTuple
 
 from lm import corpus
@@ -132,3 +133,14 @@ def source_key(cfg, task: str | None = None) -> dict:
   key['task'] = task or cfg.finetune.task
   return json.loads(json.dumps(key, default=list))
 
+
+def validation_component(cfg) -> Component | None:
+  """data.validation_paths as one component (its kind from the first path's extension)."""
+  paths = as_tuple(cfg.data.validation_paths)
+  if not paths:
+    return None
+  return Component('validation_paths', kind_from_extension(paths[0]), paths=paths)
+
+
+def label_sort_key(label: str):
+  return (0, int(label), '') if re.fullmatch(r'-?\d+', label) else (1, 0, label)
