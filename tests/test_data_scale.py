@@ -235,3 +235,22 @@ def test_train_and_finetune_evaluate_on_validation_paths(files, tmp_path):
     assert sorted(docs) == sorted(tuple(run.tokenizer.encode(t)) for t in make_texts(10, seed=50))
   # The before/after report's general loss reads the general corpus, not the domain's files.
   assert not finetune.general_config(cfg).data.validation_paths
+
+
+def test_a_task_is_a_function_to_ids_and_a_loss_mask(tok):
+  import grain
+  from lm.data import tokenize
+  ids = np.arange(4, 14, dtype=np.int32)
+  mask = np.array([0, 0, 1, 1, 0, 0, 1, 1, 1, 0], bool)  # E.g. two assistant turns of a chat.
+  back_ids, back_mask = tokenize.decode_prepared(tokenize.encode_prepared(ids, mask))
+  np.testing.assert_array_equal(back_ids, ids)
+  np.testing.assert_array_equal(back_mask, mask)
+  assert tokenize.decode_prepared(tokenize.encode_prepared(ids, np.arange(10) >= 3))[1] == 3
+  elements = grain.MapDataset.source([(ids, mask)]).batch(1, batch_fn=data.concat_docs)
+  [batch] = list(data.PackedBatchIterDataset(elements.to_iter_dataset(), rows=1, seq_len=10,
+                                             pad_id=0))
+  np.testing.assert_array_equal(batch['loss_mask'][0, :-1], mask[1:])  # Targets in the mask.
+  sft_ids, sft_mask = tokenize.TASK_FUNCTIONS['sft'](
+      data.Record('question alpha', completion=' beta'), tok)
+  assert sft_ids[0] == tok.bos_id and sft_ids[-1] == tok.eos_id
+  assert not sft_mask[:1 + len(tok.encode('question alpha'))].any() and sft_mask[-1]

@@ -33,8 +33,7 @@ class TokenStream:
     positions = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
     return cls(element['tokens'].astype(np.int32, copy=False),
                np.repeat(np.arange(len(lengths), dtype=np.int64) + first_doc_id, lengths),
-               positions.astype(np.int32),
-               positions >= np.repeat(element['no_loss'], lengths))
+               positions.astype(np.int32), element['loss'].astype(bool, copy=False))
 
   @classmethod
   def concatenate(cls, parts: Sequence['TokenStream']) -> 'TokenStream':

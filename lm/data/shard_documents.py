@@ -1,4 +1,4 @@
-"""The tokenized documents of one logical shard and split: (tokens, aux) per document.
+"""The tokenized documents of one logical shard and split: (ids, loss mask) per document.
 
 Three kinds of component feed a shard:
   prepared shards  grain random access over the ArrayRecord index: a global shuffle per epoch,
@@ -62,7 +62,7 @@ def _read_unit(unit, *, task, d, split, selector, stats):
 def shard_documents(cfg, tokenizer, split: str, task: str, shard: tuple[int, int],
                     label_ids: dict[str, int], read_options: grain.ReadOptions,
                     stats: DataStats | None = None) -> tuple[list[tuple], DataStats]:
-  """Per component: (IterDataset of (tokens, aux), weight, maybe_empty), and the DataStats
+  """Per component: (IterDataset of tokenized documents, weight, maybe_empty), and the DataStats
   (live for streamed components: pass the same `stats` for every shard of a process)."""
   train = split == 'train'
   if cfg.data.prepared_dir:
