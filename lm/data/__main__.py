@@ -54,6 +54,10 @@ def _run_command(command: str, cfg, f) -> None:
   if command == 'prepare' and (f.tasks > 1 or f.merge):
     # Tasks must share one tokenizer: train it once first (`tokenizer`), never per task.
     from lm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    if not cfg.tokenizer.path and not (epath.Path(workdir) / tokenizer_lib.TOKENIZER_FILE).exists():
+      raise DataError(f'prepare --tasks/--merge: no tokenizer in {workdir}; run `python -m '
+                      'lm.data tokenizer` with the same flags first, so every task shares it')
     tokenizer = tokenizer_lib.load_or_train(cfg, workdir)
   else:
     tokenizer = load_or_train_tokenizer(cfg, workdir)
