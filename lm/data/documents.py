@@ -1,4 +1,4 @@
-"""Documents of a split: read, filter, de-duplicate, split by hash rank (small corpora, in memory)."""
+"""A split's documents in memory: read, filter, de-duplicate, split by hash rank (small corpora)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def _component_records(comp: Component, cfg, task: str) -> tuple[list[Record], D
 
 
 def split_components(cfg, task: str | None = None, train_fraction: float | None = None,
-                     only: list[Component] | None = None) -> list[tuple[Component, dict, DataStats]]:
+                     only: list[Component] | None = None) -> list[tuple[Component, dict,
+                                                                         DataStats]]:
   """Per component: {'train': [...], 'validation': [...]} records and their DataStats.
 
   With data.validation_paths, every document of the configured sources is training data and
@@ -161,5 +162,6 @@ def tokenizer_cache_key(cfg) -> dict | None:
 
 def load_or_train_tokenizer(cfg, workdir) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: tokenizer.load_or_train, trained on this config's data if need be."""
-  return tokenizer_lib.load_or_train(cfg, workdir, training_texts=lambda: tokenizer_training_texts(cfg),
-                                     cache_key=tokenizer_cache_key(cfg), cache_dir=corpus.cache_dir())
+  return tokenizer_lib.load_or_train(
+      cfg, workdir, training_texts=lambda: tokenizer_training_texts(cfg),
+      cache_key=tokenizer_cache_key(cfg), cache_dir=corpus.cache_dir())

@@ -157,12 +157,13 @@ def _finalize_unit(job) -> dict:
     summary[split] = {'file': name if entries else '', 'records': len(entries),
                       'tokens': int(sum(len(e[2]) for e in entries)),
                       'bytes': int(sum(e[1] for e in entries))}
-  _atomic_write(_unit_file(out_dir, index, 'final.json'), lambda p: p.write_text(json.dumps(summary)))
+  _atomic_write(_unit_file(out_dir, index, 'final.json'),
+                lambda p: p.write_text(json.dumps(summary)))
   return summary
 
 
 class Progress:
-  """One status line per finished unit (at most every `every` s): units, documents, tokens/s, ETA."""
+  """A line per finished unit (at most every `every` s): units, documents, tokens/s, ETA."""
 
   def __init__(self, label: str, total_units: int, done: int = 0, every: float = 2.0, out=None):
     self.label, self.total, self.done, self.every = label, total_units, done, every
@@ -234,7 +235,7 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
             for u in set(drop) | set(near)}
   names = sorted({l for s in summaries for l in s['labels']}, key=label_sort_key)
   label_ids = {name: i for i, name in enumerate(names)}
-  # With data.validation_paths those files are the validation split and every source document trains.
+  # With data.validation_paths those files are the validation split; every source document trains.
   share = 0.0 if validation_component(cfg) is not None else d.validation_share
   finals, jobs = {}, []
   for i, (_, is_validation) in enumerate(units):

@@ -51,7 +51,8 @@ def _checked_count(path: epath.Path, expected: int) -> None:
 def prepared_dataset(cfg, tokenizer, split: str, task: str) -> tuple['grain.MapDataset', DataStats]:
   """The split's records in shard order (random access); train_fraction keeps a prefix of each
   shard, whose records prepare sorted by hash rank: a nested random subset."""
-  import grain  # pylint: disable=import-outside-toplevel  (grain imports JAX: keep it off prepare's workers)
+  # grain imports JAX: kept off the import path of prepare's worker processes.
+  import grain  # pylint: disable=import-outside-toplevel
   meta = read_prepared_meta(cfg.data.prepared_dir)
   if meta['tokenizer_fingerprint'] != tokenizer.fingerprint:
     raise DataError(

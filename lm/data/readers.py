@@ -49,7 +49,8 @@ def decode_utf8(raw: bytes, where: str, first_line: int, on_error: OnError,
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
     line = lambda: line_base() + first_line - 1 + raw[:e.start].count(b'\n')
-    on_error('invalid_utf8', lambda: f'{where}:{line()}', f'invalid UTF-8 byte 0x{raw[e.start]:02x}')
+    on_error('invalid_utf8', lambda: f'{where}:{line()}',
+             f'invalid UTF-8 byte 0x{raw[e.start]:02x}')
     return None
 
 
@@ -234,7 +235,8 @@ def _read_arrayrecord(path: epath.Path, task: str, d, on_error: OnError, begin: 
     reader.close()
 
 
-def _arrayrecord_record(raw: bytes, where: str, task: str, d, on_error: OnError) -> Iterator[Record]:
+def _arrayrecord_record(raw: bytes, where: str, task: str, d,
+                        on_error: OnError) -> Iterator[Record]:
   text = decode_utf8(raw, where, 1, on_error)
   if text is None:
     return

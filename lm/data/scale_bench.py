@@ -122,7 +122,8 @@ def main(flags) -> None:
     for size in sizes:
       prepared = os.path.join(scratch, f'prepared_{size}mb')
       rows[size] = {'prepare': _measure('prepare', corpora[size], prepared, tok_path, '1'),
-                    'startup_prepared': _measure('startup_prepared', corpora[size], prepared, tok_path),
+                    'startup_prepared': _measure('startup_prepared', corpora[size], prepared,
+                                                 tok_path),
                     'startup_raw': _measure('startup_raw', corpora[size], prepared, tok_path)}
       print(f'{size} MB: {json.dumps(rows[size])}', flush=True)
     small = sizes[0]
@@ -130,7 +131,8 @@ def main(flags) -> None:
       prepared = os.path.join(scratch, f'prepared_{small}mb_w{workers}')
       result = _measure('prepare', corpora[small], prepared, tok_path, str(workers))
       rows.setdefault('workers', {})[workers] = result
-      print(f'prepare {small} MB with {workers} workers: {result["tokens"] / result["seconds"]:,.0f} '
+      rate = result['tokens'] / result['seconds']
+      print(f'prepare {small} MB with {workers} workers: {rate:,.0f} '
             f'tokens/s ({result["seconds"]:.1f}s)', flush=True)
       shutil.rmtree(prepared, ignore_errors=True)
     large = sizes[-1]
