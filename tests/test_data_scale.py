@@ -254,3 +254,14 @@ def test_a_task_is_a_function_to_ids_and_a_loss_mask(tok):
       data.Record('question alpha', completion=' beta'), tok)
   assert sft_ids[0] == tok.bos_id and sft_ids[-1] == tok.eos_id
   assert not sft_mask[:1 + len(tok.encode('question alpha'))].any() and sft_mask[-1]
+
+
+def test_batch_size_override_for_a_second_pipeline_resumes(files, tok):
+  cfg = make_cfg(source='jsonl', paths=tuple(files), batch_size=8)
+  first = data.make_pipeline(cfg, tok, 'train', batch_size=2)
+  assert next(first)['inputs'].shape == (2, 32)
+  state = json.loads(json.dumps({'main': None, 'replay': first.get_state()}))
+  expected = take(first, 3)
+  resumed = data.make_pipeline(cfg, tok, 'train', batch_size=2)
+  resumed.set_state(state['replay'])
+  assert_batches_equal(take(resumed, 3), expected)
