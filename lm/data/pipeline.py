@@ -19,6 +19,26 @@ from lm.data.tokenize import concat_docs
 _DOCS_PER_ELEMENT = 16  # Documents tokenized per grain element: amortises per-element overhead.
 
 
+def _batches(datasets: list[tuple], task: str, rows: int, seq_len: int, pad_id: int,
+             read_options: grain.ReadOptions) -> grain.IterDataset:
+  """Tokenized documents -> [rows, seq_len] batches. A single random-access component is
+  batched before it becomes an iterator, so grain's read threads decode and concatenate too."""
+  if len(datasets) == 1 and isinstance(datasets[0][0], grain.MapDataset):
+    ds = datasets[0][0]
+  else:
+    ds = grain.IterDataset.mix(
+        [d.to_iter_dataset(read_options) if isinstance(d, grain.MapDataset) else d
+         for d, _, _ in datasets], [w for _, w, _ in datasets]) if len(datasets) > 1 else (
+             datasets[0][0])
+  if task == 'classify':
+    ds = ds.map(ClassifyRow(seq_len, pad_id)).batch(rows, batch_fn=StackRows(rows, seq_len, pad_id))
+    return ds.to_iter_dataset(read_options) if isinstance(ds, grain.MapDataset) else ds
+  elements = ds.batch(_DOCS_PER_ELEMENT, batch_fn=concat_docs)
+  if isinstance(elements, grain.MapDataset):
+    elements = elements.to_iter_dataset(read_options)
+  return PackedBatchIterDataset(elements, rows=rows, seq_len=seq_len, pad_id=pad_id)
+
+
 def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process_count: int = 1,
                   task: str | None = None, batch_size: int | None = None) -> grain.DatasetIterator:
   """A grain iterator of this process's batches of `split` (see lm/data/__init__.py).
@@ -62,20 +82,12 @@ def make_pipeline(cfg, tokenizer, split: str, *, process_index: int = 0, process
   per_shard, stats = [], DataStats()
   for shard in shards:
     datasets, stats = shard_documents(cfg, tokenizer, split, task, (shard, shard_total), label_ids,
-                                      read_options, stats)
+                                      stats)
     if len(datasets) > 1:
       # A finite mix ends with its shortest part; a component without validation documents
       # would end it before it starts.
       datasets = [x for x in datasets if not x[2]] or datasets[:1]
-    ds = (datasets[0][0] if len(datasets) == 1 else
-          grain.IterDataset.mix([d for d, _, _ in datasets], [w for _, w, _ in datasets]))
-    if task == 'classify':
-      ds = ds.map(ClassifyRow(seq_len, tokenizer.pad_id))
-      per_shard.append(ds.batch(rows, batch_fn=StackRows(rows, seq_len, tokenizer.pad_id)))
-    else:
-      elements = ds.batch(_DOCS_PER_ELEMENT, batch_fn=concat_docs)
-      per_shard.append(PackedBatchIterDataset(elements, rows=rows, seq_len=seq_len,
-                                              pad_id=tokenizer.pad_id))
+    per_shard.append(_batches(datasets, task, rows, seq_len, tokenizer.pad_id, read_options))
   iter_ds = (ShardedBatchesIterDataset(per_shard, shards, shard_count) if train else
              per_shard[0])
   if not train and process_count > 1:

@@ -60,15 +60,16 @@ def _read_unit(unit, *, task, d, split, selector, stats):
 
 
 def shard_documents(cfg, tokenizer, split: str, task: str, shard: tuple[int, int],
-                    label_ids: dict[str, int], read_options: grain.ReadOptions,
+                    label_ids: dict[str, int],
                     stats: DataStats | None = None) -> tuple[list[tuple], DataStats]:
-  """Per component: (IterDataset of tokenized documents, weight, maybe_empty), and the DataStats
-  (live for streamed components: pass the same `stats` for every shard of a process)."""
+  """Per component: (dataset of tokenized documents, weight, maybe_empty), and the DataStats
+  (live for streamed components: pass the same `stats` for every shard of a process). The
+  dataset is a MapDataset (random access: prepared, built-in) or an IterDataset (streamed)."""
   train = split == 'train'
   if cfg.data.prepared_dir:
     ds, stats = prepared.prepared_dataset(cfg, tokenizer, split, task)
     ds = _order(ds, cfg, train, shard, 0, cfg.data.prepared_dir)
-    return [(ds.to_iter_dataset(read_options), 1.0, not len(ds))], stats
+    return [(ds, 1.0, not len(ds))], stats
   tokenize = TokenizeRecord(tokenizer, task, label_ids)
   comps = components(cfg)
   validation = validation_component(cfg)
@@ -86,7 +87,7 @@ def shard_documents(cfg, tokenizer, split: str, task: str, shard: tuple[int, int
       [(_, splits, stats)] = documents.split_components(cfg, task, only=[comp])
       total.add(stats)
       ds = _order(grain.MapDataset.source(splits[split]), cfg, train, shard, i, comp.name)
-      result.append((ds.map(tokenize).to_iter_dataset(read_options), comp.weight, not len(ds)))
+      result.append((ds.map(tokenize), comp.weight, not len(ds)))
     else:
       ds = _stream(comp, cfg, split, task, shard, i, total, key)
       result.append((ds.map(tokenize), comp.weight, not train))
