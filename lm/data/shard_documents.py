@@ -43,7 +43,9 @@ def _stream(comp: Component, cfg, split: str, task: str, shard: tuple[int, int],
   index, count = shard
   explicit = validation_component(cfg) is not None
   selector = SplitSelector(cfg.data.validation_share, cfg.data.train_fraction, explicit)
-  units = shard_units(list_units(comp, cfg.data, count, key), index, count)
+  # Enough units for every shard, and for each of its grain worker processes (data.worker_count).
+  workers = max(1, cfg.data.worker_count) if train else 1
+  units = shard_units(list_units(comp, cfg.data, count * workers, key), index, count)
   read = functools.partial(_read_unit, task=task, d=cfg.data, split=split, selector=selector,
                            stats=stats)
   seed = (cfg.data.shuffle_seed + seed_offset) % 2**32 if train else None

@@ -82,6 +82,14 @@ class UnitStreamIterDataset(grain.IterDataset):
   def __iter__(self) -> '_UnitStreamIterator':
     return _UnitStreamIterator(self._units, self._read, self._seed, self._epochs, self._name)
 
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    """grain's worker processes (data.worker_count) each read a slice of the units."""
+    del sequential_slice  # Units are already contiguous pieces of the input.
+    self._units = self._units[sl]
+    if not self._units:
+      raise DataError(f'{self._name}: too few units for data.worker_count workers (more files, '
+                      'a smaller data.read_chunk_bytes or fewer workers)')
+
   def __str__(self) -> str:
     return f'UnitStreamIterDataset({self._name}, units={len(self._units)})'
 
