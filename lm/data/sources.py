@@ -90,6 +90,9 @@ def check_data_config(cfg, task: str) -> None:
   require(0.0 < d.train_fraction <= 1.0, 'data.train_fraction', 'must be in (0, 1]')
   require(d.seq_len >= 2, 'data.seq_len', f'must be >= 2, got {d.seq_len}')
   require(d.batch_size >= 1, 'data.batch_size', f'must be >= 1, got {d.batch_size}')
+  require(int(d.read_chunk_bytes) >= 1, 'data.read_chunk_bytes', 'must be >= 1')
+  require(int(d.shuffle_window) >= 0, 'data.shuffle_window', 'must be >= 0')
+  require(int(d.dedup_buckets) >= 1, 'data.dedup_buckets', 'must be >= 1')
   unknown_kinds = set(as_tuple(d.builtin_kinds)) - set(corpus.KINDS)
   require(not unknown_kinds and as_tuple(d.builtin_kinds), 'data.builtin_kinds',
           f'must be a non-empty subset of {corpus.KINDS}, got {d.builtin_kinds!r}')
