@@ -131,6 +131,7 @@ def data_config() -> ConfigDict:
   c.mixture = ()  # For source='mixture': tuple of (name, weight); names are builtin subsets or paths.
   c.train_fraction = 1.0  # Use only this share of the training documents (data-scaling studies).
   c.validation_share = 0.05  # Share of documents (by hash) held out for validation.
+  c.validation_paths = ()  # Files or globs (any supported format) used as the validation split instead; then every document of the sources trains.
   c.seq_len = 128
   c.batch_size = 8  # Global batch, in rows of seq_len tokens.
   c.shuffle_seed = 0
@@ -146,10 +147,14 @@ def data_config() -> ConfigDict:
   c.builtin_kinds = ('docstrings', 'topics', 'source')  # Built-in corpus document kinds (lm.corpus.KINDS).
   c.text_unit = 'file'  # Text files: 'file' (one document each) or 'paragraph' (blank-line-separated blocks).
   c.prepared_dir = ''  # Token shards written by `python -m lm.data prepare`; '' tokenizes on the fly.
-  c.prepare_shards = 4  # ArrayRecord shards per split that `prepare` writes.
+  c.prepare_shards = 4  # prepare cuts the input into at least this many units, each written as one shard per split.
   c.read_threads = 2  # Threads grain uses in-process to read and tokenize documents.
   c.prefetch_batches = 2  # Batches a background thread prepares ahead of the train step (0 = none).
   c.shard_count = 0  # Logical training-data shards (0 = the process count); any process count dividing it gives the same batches.
+  c.read_chunk_bytes = 32 << 20  # Files stream in units of about this size (JSONL byte ranges); a unit is what one shard or prepare worker reads at a time.
+  c.shuffle_window = 10_000  # Documents a streamed (unprepared) file source shuffles within; prepared shards shuffle globally.
+  c.dedup_buckets = 64  # prepare: exact dedup sorts hashes in this many on-disk buckets (memory ~ 24 bytes x documents / buckets).
+  c.near_dedup_max_docs = 2_000_000  # prepare: MinHash near-dedup keeps an in-memory index (~1 KB/document); larger corpora are refused.
   return c
 
 

@@ -4,7 +4,8 @@ finetune.py calls `finetune(cfg, workdir)`, which runs the shared loop (lm.loop.
 params restored from finetune.restore_from and the frozen / LoRA set from the config, and
 measures the model before and after:
 
-  domain loss / perplexity   the fine-tuning data's validation split (task 'lm' and 'sft')
+  domain loss / perplexity   the fine-tuning data's validation split (task 'lm' and 'sft'):
+                             data.validation_paths when set, else the hash split
   general loss / perplexity  the built-in general corpus: how much general ability was kept
   task accuracy, macro-F1    classification (and next-token accuracy for lm/sft)
   probes (lm.probe)          log p(stereotyped) - log p(other) of balanced sentence pairs, with
@@ -76,6 +77,7 @@ def general_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   general.data.paths = ()
   general.data.prepared_dir = ''
   general.data.mixture = ()
+  general.data.validation_paths = ()  # The domain's validation files; general uses its own split.
   general.finetune.task = 'lm'
   return general
 

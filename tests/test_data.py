@@ -443,21 +443,29 @@ def test_config_errors_name_the_key(tok):
 # --------------------------------------------------------------------------- prepare, report
 
 
-def test_prepared_shards_match_on_the_fly_and_resume(jsonl_cfg, tok, tmp_path):
+def test_prepared_shards_hold_the_on_the_fly_documents_and_resume(jsonl_cfg, tok, tmp_path):
   cfg, _ = jsonl_cfg
   meta = data.prepare(cfg, tok, tmp_path / 'prep')
   assert meta['splits']['train']['documents'] == len(data.load_documents(cfg, 'train'))
-  assert len(meta['splits']['train']['files']) == cfg.data.prepare_shards
+  assert len(meta['splits']['train']['files']) == cfg.data.prepare_shards  # One per unit.
   prepared = make_cfg(**{**cfg.data.to_dict(), 'prepared_dir': str(tmp_path / 'prep')})
-  on_the_fly = take(data.make_pipeline(cfg, tok, 'train'), 6)
+  prepared.data.num_epochs = 1
+  docs = split_docs(real_stream(list(data.make_pipeline(prepared, tok, 'train'))), tok.bos_id)
+  expected = [tuple(tok.encode(r.text)) for r in data.load_documents(cfg, 'train')]
+  assert sorted(tuple(d[1:-1]) for d in docs) == sorted(expected)
+  prepared.data.num_epochs = 0
+  uninterrupted = take(data.make_pipeline(prepared, tok, 'train'), 6)
   from_shards = data.make_pipeline(prepared, tok, 'train')
-  assert_batches_equal(take(from_shards, 2), on_the_fly[:2])
+  assert_batches_equal(take(from_shards, 2), uninterrupted[:2])
   state = json.loads(json.dumps(from_shards.get_state()))
+  assert len(json.dumps(state)) < 1000  # O(shards), not O(documents).
   resumed = data.make_pipeline(prepared, tok, 'train')
   resumed.set_state(state)
-  assert_batches_equal(take(resumed, 4), on_the_fly[2:])
-  assert_batches_equal(list(data.make_pipeline(prepared, tok, 'validation')),
-                       list(data.make_pipeline(cfg, tok, 'validation')))
+  assert_batches_equal(take(resumed, 4), uninterrupted[2:])
+  validation = split_docs(real_stream(list(data.make_pipeline(prepared, tok, 'validation'))),
+                          tok.bos_id)
+  assert sorted(tuple(d[1:-1]) for d in validation) == sorted(
+      tuple(tok.encode(r.text)) for r in data.load_documents(cfg, 'validation'))
   # The shards only make sense with the tokenizer that wrote them.
   other_cfg = config.base_config().tokenizer
   other_cfg.model_type, other_cfg.vocab_size, other_cfg.byte_fallback = 'char', 100, False

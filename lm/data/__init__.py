@@ -20,19 +20,37 @@ Sources (cfg.data.source; paths through etils.epath, so gs:// works):
                  (type from its extension: .jsonl/.json, .parquet, .array_record, else text).
                  Documents are drawn from the components with probability ~ weight.
   cfg.data.prepared_dir, when set, replaces all of these with the token shards written by
-  `python -m lm.data prepare` (same filters, split and order, no tokenizing at train time).
+  `python -m lm.data prepare` (the large-corpus path, below).
+  cfg.data.validation_paths (files/globs, any format above), when set, is the validation split
+  and every document of the sources trains (instead of the hash split below).
 
-Documents are read, filtered and de-duplicated once, when the pipeline is built, rather than
-lazily after the shuffle: de-duplication needs to see every document anyway, and doing it up
-front makes the counts exact and the per-process shards fixed lists. Filters, in order:
-too_short / too_long (chars; task 'lm' only, short task examples are legitimate),
-non_text (share of control characters / U+FFFD above data.max_nontext_fraction),
-duplicate (exact content hash), near_duplicate (MinHash LSH, data.near_dedup).
+Three ways documents reach a shard (shard_documents.py), none holding the corpus in memory
+except the built-in one (its size is fixed):
+  prepared shards   grain random access over the ArrayRecord shards: a global shuffle per epoch,
+                    each logical shard reading records s, s+S, ... of it; state O(1) per shard.
+  files, streamed   cut into units (units.py: whole files, JSONL byte ranges of about
+                    data.read_chunk_bytes, Parquet row groups, ArrayRecord record ranges); shard
+                    s reads units s, s+S, ... in a per-epoch shuffled order, through a window
+                    shuffle of data.shuffle_window documents. Exact dedup is within a unit and
+                    the DataStats are counts so far; corpus-wide exact/near dedup and exact
+                    counts are prepare's job.
+  built-in corpus   read, filtered and de-duplicated in memory (documents.py), as are the small
+                    helpers load_documents, data_stats, class_names and report on raw sources.
+Filters, in order: too_short / too_long (chars; task 'lm' only, short task examples are
+legitimate), non_text (share of control characters / U+FFFD above data.max_nontext_fraction),
+duplicate (exact content hash), near_duplicate (MinHash LSH, data.near_dedup; prepare and the
+in-memory path only).
 
 Split: every document has a group (its content hash; for the built-in corpus, the source
 chunk it came from) and a rank = hash(group) in [0, 1). rank < data.validation_share is
-validation, the rest is training. Each split is ordered by rank, and data.train_fraction
-keeps the first share of the training documents: a deterministic, nested random subset.
+validation, the rest is training. data.train_fraction keeps a nested, hash-random subset of
+the training documents: the lowest-ranked share (in memory), the rank band
+[share, share + fraction * (1 - share)) (streamed), or a rank-ordered prefix of each prepared
+shard.
+
+Prepare (prepare_job.py): a streaming, parallel (--workers), resumable job; --task=i --tasks=N
+splits its tokenize stage over machines, `--merge` then de-duplicates through on-disk hash
+buckets (dedup.py) and writes the shards and meta.json. docs/scaling.md has the commands.
 
 Bad input: a missing path, an empty file, a JSONL line that is not a JSON object or lacks a
 field, an unreadable Parquet/ArrayRecord file, or bytes that are not UTF-8 raise DataError
@@ -57,7 +75,8 @@ Padding appears only at the end of a finite split (validation, or data.num_epoch
 padding rows of 'classify' have label 0 and an all-zero loss_mask.
 
 Processes: training documents are split into S = data.shard_count logical shards (0 = the
-process count); shard s holds every S-th document from s and packs batch_size/S rows per step.
+process count); shard s holds every S-th document (prepared, built-in) or unit (files) from s
+and packs batch_size/S rows per step; a process opens only its shards' files and ranges.
 Process p of P reads only shards p*(S/P) .. (p+1)*(S/P)-1 and stacks their rows in shard order,
 so every process count dividing S yields the same global batches (the checkpointed iterator
 state holds each shard's position; restore_iterator restores it under another process
@@ -74,33 +93,52 @@ Stats: `DataStats` counts documents read, kept per split (and their bytes), held
 train_fraction, filtered by reason and skipped by reason (with the first message of each).
 Get it as `iterator.data_stats`, or `data_stats(cfg, task)`; `stats.summary()` is one line.
 
-CLI (ml_collections config files, --config.key=value overrides):
-  python -m lm.data prepare --config=configs/X.py [--workdir=DIR]   write ArrayRecord shards
-  python -m lm.data report  --config=configs/X.py [--split=train]   counts, bytes/token, top tokens
-  python -m lm.data bench   --config=configs/X.py [--runs=5 --batches=200]   tokens/s (median)
-The tokenizer comes from load_or_train_tokenizer(cfg, workdir); for `prepare` the workdir
-defaults to data.prepared_dir, so the shards carry the tokenizer that wrote them.
+CLI: `python -m lm.data {tokenizer,prepare,report,bench,memory}` (see __main__.py).
+The tokenizer comes from load_or_train_tokenizer(cfg, workdir) (lm.tokenizer, handed this
+config's training texts); for `prepare` the workdir defaults to data.prepared_dir, so the
+shards carry the tokenizer that wrote them.
 
-Stages, one module each: sources (what to read), readers (files -> records), filters (quality,
-dedup), split (hash rank), documents (a small corpus in memory), tokenize, packing, shards
-(logical data shards and iterator state), prepared (reading prepared shards), prepare_job (writing
-them), pipeline (make_pipeline), measure (report, bench), __main__ (the CLI).
+Stages, one module each: sources (what to read), readers (files -> records), units (files
+cut for shards and workers), filters (quality), dedup (prepare's corpus-wide dedup), split
+(hash rank), stream (streamed records), documents (a small corpus in memory), tokenize (a task:
+record -> ids + loss mask), packing, shards (logical data shards and iterator state),
+shard_documents (a shard's documents), prepared (reading prepared shards), prepare_job
+(writing them), pipeline (make_pipeline), measure (report, bench), scale_bench (`memory`),
+__main__ (the CLI).
 """
 
-from lm.data.documents import (class_names, data_stats, load_documents, load_or_train_tokenizer,
-                               split_components, tokenizer_cache_key, tokenizer_training_texts)
-from lm.data.packing import (ClassifyRow, PackedBatchIterDataset, StackRows, TakeRows,
-                             TokenStream, pack_rows)
-from lm.data.pipeline import make_pipeline
-from lm.data.prepare_job import prepare
-from lm.data.prepared import prepared_dataset, read_prepared_meta
-from lm.data.readers import expand_paths
-from lm.data.measure import bench, report
-from lm.data.shards import (ShardedBatchesIterDataset, merge_iterator_states, process_shards,
-                            restore_iterator)
-from lm.data.sources import (SOURCES, TASKS, Component, Record, check_data_config, components,
-                             is_builtin_only, source_key)
-from lm.data.split import split_rank
-from lm.data.stats import SPLITS, DataError, DataStats
-from lm.data.tokenize import (TokenizeRecord, concat_docs, decode_prepared, encode_prepared,
-                              tokenize_records)
+import importlib
+
+# Names re-exported from the stage modules, imported on first use: `import lm.data` stays
+# light (prepare's worker processes and the CLI's error handling need no grain or JAX).
+_MODULE_NAMES = {
+    'documents': 'class_names data_stats load_documents load_or_train_tokenizer split_components '
+                 'tokenizer_cache_key tokenizer_training_texts',
+    'measure': 'bench report',
+    'packing': 'ClassifyRow PackedBatchIterDataset StackRows TakeRows TokenStream pack_rows',
+    'pipeline': 'make_pipeline',
+    'prepare_job': 'prepare',
+    'prepared': 'prepared_dataset read_prepared_meta',
+    'readers': 'expand_paths',
+    'shards': 'ShardedBatchesIterDataset merge_iterator_states process_shards restore_iterator',
+    'sources': 'Component Record SOURCES TASKS check_data_config components is_builtin_only '
+               'source_key',
+    'split': 'split_rank',
+    'stats': 'DataError DataStats SPLITS',
+    'tokenize': 'TokenizeRecord concat_docs decode_prepared encode_prepared tokenize_records',
+}
+_EXPORTS = {name: module for module, names in _MODULE_NAMES.items() for name in names.split()}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+  value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_EXPORTS))

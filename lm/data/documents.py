@@ -1,20 +1,23 @@
-"""Documents of a split: read, filter, de-duplicate, split by hash rank (small corpora, in memory)."""
+"""A split's documents in memory: read, filter, de-duplicate, split by hash rank (small corpora)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import pathlib
+import heapq
 import re
 
 from lm import corpus
 from lm import tokenizer as tokenizer_lib
 from lm.data import prepared
 from lm.data.split import fraction_count, split_rank
+from lm.data.stream import SplitSelector, unit_records
+from lm.data.units import list_units
 from lm.data.filters import filter_records, filter_text
 from lm.data.readers import expand_paths, read_component
 from lm.data.sources import (Component, Record, check_data_config, components, is_builtin_only,
-                             source_key)
+                             label_sort_key, source_key, validation_component)
 from lm.data.stats import SPLITS, DataError, DataStats, OnError
 
 
@@ -57,16 +60,26 @@ def _component_records(comp: Component, cfg, task: str) -> tuple[list[Record], D
   return _RECORDS_CACHE[key]
 
 
-def split_components(cfg, task: str | None = None,
-                     train_fraction: float | None = None) -> list[tuple[Component, dict, DataStats]]:
-  """Per component: {'train': [...], 'validation': [...]} records and their DataStats."""
+def split_components(cfg, task: str | None = None, train_fraction: float | None = None,
+                     only: list[Component] | None = None) -> list[tuple[Component, dict,
+                                                                         DataStats]]:
+  """Per component: {'train': [...], 'validation': [...]} records and their DataStats.
+
+  With data.validation_paths, every document of the configured sources is training data and
+  the validation split is the documents of those paths (one more component, train empty).
+  """
   task = task or cfg.finetune.task
   check_data_config(cfg, task)
   fraction = cfg.data.train_fraction if train_fraction is None else train_fraction
+  validation = validation_component(cfg)
+  comps = only if only is not None else components(cfg) + ([validation] if validation else [])
   result = []
-  for comp in components(cfg):
+  for comp in comps:
     records, read_stats = _component_records(comp, cfg, task)
-    splits = _split(records, cfg.data.validation_share)
+    if comp is validation:
+      splits = {'train': [], 'validation': _split(records, 1.0)['validation']}
+    else:
+      splits = _split(records, 0.0 if validation else cfg.data.validation_share)
     keep = fraction_count(len(splits['train']), fraction)
     stats = dataclasses.replace(read_stats, kept={}, kept_bytes={},
                                 held_out=len(splits['train']) - keep)
@@ -95,17 +108,38 @@ def data_stats(cfg, task: str | None = None) -> DataStats:
   return total
 
 
+def _streamed_sample(cfg, task: str, limit: int) -> list[Record]:
+  """The `limit` training records of lowest hash rank, streamed: memory ~ limit documents."""
+  selector = SplitSelector(cfg.data.validation_share, cfg.data.train_fraction,
+                           validation_component(cfg) is not None)
+  key = 'data.mixture' if cfg.data.source == 'mixture' else 'data.paths'
+  heap, stats, order = [], DataStats(), 0
+  for comp in components(cfg):
+    for unit in list_units(comp, cfg.data, 1, key):
+      for record in unit_records(unit, task, cfg.data, 'train', selector, stats):
+        order += 1  # Ties (equal ranks) keep source order.
+        item = (-record.rank, -order, record)
+        if len(heap) < limit:
+          heapq.heappush(heap, item)
+        elif item > heap[0]:
+          heapq.heapreplace(heap, item)
+  return [r for _, _, r in sorted(heap, reverse=True)]
+
+
 def tokenizer_training_texts(cfg) -> list[str]:
-  """Up to tokenizer.max_train_docs training texts, a hash-random sample across components."""
-  records = sorted(load_documents(cfg, 'train'), key=lambda r: r.rank)
+  """Up to tokenizer.max_train_docs training texts, a hash-random sample across components.
+
+  The built-in corpus is sampled in memory (its size is fixed); files are streamed.
+  """
+  limit = int(cfg.tokenizer.max_train_docs)
+  if is_builtin_only(cfg):
+    records = sorted(load_documents(cfg, 'train'), key=lambda r: r.rank)
+  else:
+    records = _streamed_sample(cfg, cfg.finetune.task, limit)
   if not records:
     raise DataError('cannot train a tokenizer: the training split has no documents '
                     f'({data_stats(cfg).summary()})')
   return [filter_text(r) for r in records[:int(cfg.tokenizer.max_train_docs)]]
-
-
-def _label_sort_key(label: str):
-  return (0, int(label), '') if re.fullmatch(r'-?\d+', label) else (1, 0, label)
 
 
 def class_names(cfg) -> list[str]:
@@ -115,7 +149,7 @@ def class_names(cfg) -> list[str]:
   labels = set()
   for _, splits, _ in split_components(cfg, 'classify', train_fraction=1.0):
     labels.update(r.label for split in SPLITS for r in splits[split])
-  return sorted(labels, key=_label_sort_key)
+  return sorted(labels, key=label_sort_key)
 
 
 
@@ -128,5 +162,6 @@ def tokenizer_cache_key(cfg) -> dict | None:
 
 def load_or_train_tokenizer(cfg, workdir) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer: tokenizer.load_or_train, trained on this config's data if need be."""
-  return tokenizer_lib.load_or_train(cfg, workdir, training_texts=lambda: tokenizer_training_texts(cfg),
-                                     cache_key=tokenizer_cache_key(cfg), cache_dir=corpus.cache_dir())
+  return tokenizer_lib.load_or_train(
+      cfg, workdir, training_texts=lambda: tokenizer_training_texts(cfg),
+      cache_key=tokenizer_cache_key(cfg), cache_dir=corpus.cache_dir())

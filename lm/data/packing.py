@@ -1,4 +1,18 @@
-"""Packing: tokenized documents -> [rows, seq_len] batches with segment ids and positions."""
+"""Packing: tokenized documents -> [rows, seq_len] batches with segment ids and positions.
+
+Why lm keeps its own packer rather than grain 0.2.18's:
+- FirstFitPackIterDataset / BestFitPackIterDataset place whole documents into rows: a document
+  longer than a row is truncated (tokens lost) and rows end in padding. lm's pre-training
+  guarantee is that no token is lost or repeated and long documents continue in the next row.
+- ConcatThenSplitIterDataset does split documents across rows, but packs each feature of one
+  element independently: the last input of a row has no target (one prediction lost per row,
+  1/T of the data), and our loss mask (target in the same document and inside the task's mask)
+  would need a second aligned pass. It also works element by element in Python.
+PackedBatchIterDataset gathers a whole [rows, T] batch with a few numpy ops per batch, takes
+each row's last target from the next row's first input, and keeps a two-number state (the
+parent's state before its first buffered element, and a token offset), checkpointable like any
+grain iterator. Task 'classify' puts one example per row (ClassifyRow) and needs no packing.
+"""
 
 from __future__ import annotations
 
@@ -33,8 +47,7 @@ class TokenStream:
     positions = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
     return cls(element['tokens'].astype(np.int32, copy=False),
                np.repeat(np.arange(len(lengths), dtype=np.int64) + first_doc_id, lengths),
-               positions.astype(np.int32),
-               positions >= np.repeat(element['no_loss'], lengths))
+               positions.astype(np.int32), element['loss'].astype(bool, copy=False))
 
   @classmethod
   def concatenate(cls, parts: Sequence['TokenStream']) -> 'TokenStream':

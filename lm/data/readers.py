@@ -42,12 +42,15 @@ def expand_paths(patterns, key: str = 'data.paths') -> list[epath.Path]:
   return found
 
 
-def decode_utf8(raw: bytes, where: str, first_line: int, on_error: OnError) -> str | None:
+def decode_utf8(raw: bytes, where: str, first_line: int, on_error: OnError,
+                line_base=lambda: 1) -> str | None:
+  """raw as text; else on_error naming `where`:line (first_line counts from line_base())."""
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    line = first_line + raw[:e.start].count(b'\n')
-    on_error('invalid_utf8', f'{where}:{line}', f'invalid UTF-8 byte 0x{raw[e.start]:02x}')
+    line = lambda: line_base() + first_line - 1 + raw[:e.start].count(b'\n')
+    on_error('invalid_utf8', lambda: f'{where}:{line()}',
+             f'invalid UTF-8 byte 0x{raw[e.start]:02x}')
     return None
 
 
@@ -80,14 +83,14 @@ def record_from_object(obj, task: str, d, where: str, on_error: OnError) -> Reco
       return None
     values.append(value)
   if task == 'lm':
-    return Record(values[0], origin=where)
+    return Record(values[0])
   if task == 'sft':
-    return Record(values[0], completion=values[1], origin=where)
-  return Record(values[0], label=values[1], origin=where)
+    return Record(values[0], completion=values[1])
+  return Record(values[0], label=values[1])
 
 
-def _read_builtin(comp: Component, d) -> Iterator[Record]:
-  for doc in corpus.documents(comp.subset, as_tuple(d.builtin_kinds)):
+def read_builtin(subset: str, d) -> Iterator[Record]:
+  for doc in corpus.documents(subset, as_tuple(d.builtin_kinds)):
     yield Record(doc.text, origin=doc.name, group=doc.group)
 
 
@@ -115,15 +118,39 @@ def _read_text(path: epath.Path, d, on_error: OnError) -> Iterator[Record]:
     yield Record(''.join(block), origin=f'{path}:{first}')
 
 
-def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[Record]:
-  nonblank = 0
+def _line_base(path: epath.Path, begin: int):
+  """A function giving the line number at byte `begin` (counted only when a message needs it)."""
+  def base() -> int:
+    if not begin:
+      return 1
+    with path.open('rb') as f:
+      return 1 + f.read(begin).count(b'\n')
+  return base
+
+
+def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError, begin: int = 0,
+                end: int = -1) -> Iterator[Record]:
+  """Records of the lines that start in bytes [begin, end) (end -1: the end of the file)."""
+  nonblank, base = 0, _line_base(path, begin)
   with path.open('rb') as f:
-    for number, raw in enumerate(f, start=1):
+    if begin:
+      f.seek(begin - 1)
+      if f.read(1) != b'\n':
+        f.readline()  # The line that started before `begin` belongs to the previous range.
+    start = f.tell()
+    if begin and start > begin:  # Lines are counted from the first whole line of the range.
+      base = _line_base(path, start)
+    number = 0
+    while end < 0 or f.tell() < end:
+      raw = f.readline()
+      if not raw:
+        break
+      number += 1
       if not raw.strip():
         continue  # Blank lines (a trailing newline) hold no record.
       nonblank += 1
-      where = f'{path}:{number}'
-      line = decode_utf8(raw, str(path), number, on_error)
+      where = lambda n=number: f'{path}:{base() + n - 1}'  # pylint: disable=cell-var-from-loop
+      line = decode_utf8(raw, str(path), number, on_error, base)
       if line is None:
         continue
       try:
@@ -134,91 +161,118 @@ def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[R
       record = record_from_object(obj, task, d, where, on_error)
       if record is not None:
         yield record
-  if not nonblank:
-    on_error('empty_file', f'{path}:1', 'empty file (no JSON lines)')
+    if not nonblank and not begin and not any(raw.strip() for raw in f):
+      on_error('empty_file', f'{path}:1', 'empty file (no JSON lines)')
 
 
-def _read_parquet(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[Record]:
+def _read_parquet(path: epath.Path, task: str, d, on_error: OnError, begin: int = 0,
+                  end: int = -1) -> Iterator[Record]:
+  """Rows of row groups [begin, end), one row group in memory at a time."""
   import pyarrow  # pylint: disable=import-outside-toplevel
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   fields = _fields_for(task, d)
   try:
     with path.open('rb') as f:
-      table = pq.read_table(f, columns=None)
+      parquet = pq.ParquetFile(f)
+      meta, names = parquet.metadata, parquet.schema_arrow.names
+      if meta.num_rows == 0:
+        on_error('empty_file', f'{path}', 'Parquet file has no rows')
+        return
+      missing = [(f, k) for f, k in zip(fields, _field_keys(task)) if f not in names]
+      if missing:
+        field, key = missing[0]
+        on_error('missing_field', f'{path}',
+                 f"no column '{field}' (config key {key}); columns: {names}", count=meta.num_rows)
+        return
+      end = meta.num_row_groups if end < 0 else end
+      row = sum(meta.row_group(g).num_rows for g in range(begin))
+      for group in range(begin, end):
+        table = parquet.read_row_group(group, columns=list(dict.fromkeys(fields)))
+        columns = [table.column(f).to_pylist() for f in fields]
+        for values in zip(*columns):
+          row += 1
+          yield from _parquet_row(fields, values, f'{path}:row {row}', task, d, on_error)
   except (pyarrow.ArrowException, OSError) as e:
     on_error('corrupt_file', f'{path}', f'not a readable Parquet file ({type(e).__name__}: {e})')
-    return
-  if table.num_rows == 0:
-    on_error('empty_file', f'{path}', 'Parquet file has no rows')
-    return
-  missing = [(f, k) for f, k in zip(fields, _field_keys(task)) if f not in table.column_names]
-  if missing:
-    field, key = missing[0]
-    on_error('missing_field', f'{path}',
-             f"no column '{field}' (config key {key}); columns: {table.column_names}",
-             count=table.num_rows)
-    return
-  columns = [table.column(f).to_pylist() for f in fields]
-  for row, values in enumerate(zip(*columns), start=1):
-    where = f'{path}:row {row}'
-    decoded = {}
-    for field, value in zip(fields, values):
-      if isinstance(value, bytes):
-        value = decode_utf8(value, where, 1, on_error)
-        if value is None:
-          break
-      decoded[field] = value
-    else:
-      record = record_from_object(decoded, task, d, where, on_error)
-      if record is not None:
-        yield record
 
 
-def _read_arrayrecord(path: epath.Path, task: str, d, on_error: OnError) -> Iterator[Record]:
+def _parquet_row(fields, values, where: str, task: str, d, on_error: OnError) -> Iterator[Record]:
+  decoded = {}
+  for field, value in zip(fields, values):
+    if isinstance(value, bytes):
+      value = decode_utf8(value, where, 1, on_error)
+      if value is None:
+        return
+    decoded[field] = value
+  record = record_from_object(decoded, task, d, where, on_error)
+  if record is not None:
+    yield record
+
+
+_ARRAYRECORD_BLOCK = 1024  # Records read at a time.
+
+
+def _read_arrayrecord(path: epath.Path, task: str, d, on_error: OnError, begin: int = 0,
+                      end: int = -1) -> Iterator[Record]:
+  """Records [begin, end), a block at a time."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   try:
     reader = array_record_module.ArrayRecordReader(str(path))
-    raws = reader.read_all()
-    reader.close()
+    count = reader.num_records()
   except Exception as e:  # pylint: disable=broad-except  (the reader raises bare RuntimeError/ValueError)
     on_error('corrupt_file', f'{path}', f'not a readable ArrayRecord file ({e})')
     return
-  if not raws:
-    on_error('empty_file', f'{path}', 'ArrayRecord file has no records')
+  try:
+    if not count:
+      on_error('empty_file', f'{path}', 'ArrayRecord file has no records')
+      return
+    end = count if end < 0 else min(end, count)
+    for block in range(begin, end, _ARRAYRECORD_BLOCK):
+      raws = reader.read(block, min(block + _ARRAYRECORD_BLOCK, end))
+      for index, raw in enumerate(raws, start=block + 1):
+        yield from _arrayrecord_record(raw, f'{path}:record {index}', task, d, on_error)
+  finally:
+    reader.close()
+
+
+def _arrayrecord_record(raw: bytes, where: str, task: str, d,
+                        on_error: OnError) -> Iterator[Record]:
+  text = decode_utf8(raw, where, 1, on_error)
+  if text is None:
     return
-  for index, raw in enumerate(raws, start=1):
-    where = f'{path}:record {index}'
-    text = decode_utf8(raw, where, 1, on_error)
-    if text is None:
-      continue
-    obj = None
-    if text.lstrip().startswith('{'):
-      try:
-        obj = json.loads(text)
-      except json.JSONDecodeError:
-        obj = None  # Plain text that happens to start with '{'.
-    if isinstance(obj, dict):
-      record = record_from_object(obj, task, d, where, on_error)
-      if record is not None:
-        yield record
-    elif task == 'lm':
-      yield Record(text, origin=where)
-    else:
-      on_error('not_an_object', where, f"task '{task}' needs JSON object records")
+  obj = None
+  if text.lstrip().startswith('{'):
+    try:
+      obj = json.loads(text)
+    except json.JSONDecodeError:
+      obj = None  # Plain text that happens to start with '{'.
+  if isinstance(obj, dict):
+    record = record_from_object(obj, task, d, where, on_error)
+    if record is not None:
+      yield record
+  elif task == 'lm':
+    yield Record(text, origin=where)
+  else:
+    on_error('not_an_object', where, f"task '{task}' needs JSON object records")
+
+
+def read_file(kind: str, path: epath.Path, task: str, d, on_error: OnError, begin: int = 0,
+              end: int = -1) -> Iterator[Record]:
+  """Records of one file, or of its range [begin, end) in the kind's unit (see units.py)."""
+  if kind == 'text':
+    yield from _read_text(path, d, on_error)
+  elif kind == 'jsonl':
+    yield from _read_jsonl(path, task, d, on_error, begin, end)
+  elif kind == 'parquet':
+    yield from _read_parquet(path, task, d, on_error, begin, end)
+  else:
+    yield from _read_arrayrecord(path, task, d, on_error, begin, end)
 
 
 def read_component(comp: Component, task: str, d, on_error: OnError) -> Iterator[Record]:
   if comp.kind == 'builtin':
-    yield from _read_builtin(comp, d)
+    yield from read_builtin(comp.subset, d)
     return
   key = 'data.mixture' if d.source == 'mixture' else 'data.paths'
   for path in expand_paths(comp.paths, key):
-    if comp.kind == 'text':
-      yield from _read_text(path, d, on_error)
-    elif comp.kind == 'jsonl':
-      yield from _read_jsonl(path, task, d, on_error)
-    elif comp.kind == 'parquet':
-      yield from _read_parquet(path, task, d, on_error)
-    else:
-      yield from _read_arrayrecord(path, task, d, on_error)
-
+    yield from read_file(comp.kind, path, task, d, on_error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import NamedTuple
 
 from lm import corpus
@@ -89,6 +90,9 @@ def check_data_config(cfg, task: str) -> None:
   require(0.0 < d.train_fraction <= 1.0, 'data.train_fraction', 'must be in (0, 1]')
   require(d.seq_len >= 2, 'data.seq_len', f'must be >= 2, got {d.seq_len}')
   require(d.batch_size >= 1, 'data.batch_size', f'must be >= 1, got {d.batch_size}')
+  require(int(d.read_chunk_bytes) >= 1, 'data.read_chunk_bytes', 'must be >= 1')
+  require(int(d.shuffle_window) >= 0, 'data.shuffle_window', 'must be >= 0')
+  require(int(d.dedup_buckets) >= 1, 'data.dedup_buckets', 'must be >= 1')
   unknown_kinds = set(as_tuple(d.builtin_kinds)) - set(corpus.KINDS)
   require(not unknown_kinds and as_tuple(d.builtin_kinds), 'data.builtin_kinds',
           f'must be a non-empty subset of {corpus.KINDS}, got {d.builtin_kinds!r}')
@@ -125,9 +129,21 @@ def source_key(cfg, task: str | None = None) -> dict:
   """Every setting that decides which documents are read and kept (cache keys)."""
   d = cfg.data
   keys = ('source', 'builtin_subset', 'builtin_kinds', 'paths', 'mixture', 'text_unit',
+          'validation_paths',
           'text_field', 'prompt_field', 'completion_field', 'label_field', 'on_error', 'dedup',
           'near_dedup', 'near_dedup_threshold', 'min_chars', 'max_chars', 'max_nontext_fraction')
   key = {k: d[k] for k in keys}
   key['task'] = task or cfg.finetune.task
   return json.loads(json.dumps(key, default=list))
 
+
+def validation_component(cfg) -> Component | None:
+  """data.validation_paths as one component (its kind from the first path's extension)."""
+  paths = as_tuple(cfg.data.validation_paths)
+  if not paths:
+    return None
+  return Component('validation_paths', kind_from_extension(paths[0]), paths=paths)
+
+
+def label_sort_key(label: str):
+  return (0, int(label), '') if re.fullmatch(r'-?\d+', label) else (1, 0, label)

@@ -28,16 +28,24 @@ class DataStats:
   filtered: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   skip_examples: dict = dataclasses.field(default_factory=dict)  # Reason -> first message.
+  note: str = ''  # E.g. that a streaming pipeline's counts are so far, not final.
 
   def merge(self, other: 'DataStats') -> 'DataStats':
     merged = DataStats(read=self.read + other.read, held_out=self.held_out + other.held_out,
                        filtered=self.filtered + other.filtered,
                        skipped=self.skipped + other.skipped,
-                       skip_examples={**other.skip_examples, **self.skip_examples})
+                       skip_examples={**other.skip_examples, **self.skip_examples},
+                       note=self.note or other.note)
     for split in SPLITS:
       merged.kept[split] = self.kept[split] + other.kept[split]
       merged.kept_bytes[split] = self.kept_bytes[split] + other.kept_bytes[split]
     return merged
+
+  def add(self, other: 'DataStats') -> None:
+    """Adds other's counts into this one, in place (live streaming counts stay shared)."""
+    merged = self.merge(other)
+    for field in dataclasses.fields(self):
+      setattr(self, field.name, getattr(merged, field.name))
 
   def to_dict(self) -> dict:
     return {'read': self.read, 'kept': dict(self.kept), 'kept_bytes': dict(self.kept_bytes),
@@ -57,7 +65,8 @@ class DataStats:
             f"({self.kept_bytes['train'] / 1e6:.2f} MB), validation {self.kept['validation']}")
     if self.held_out:
       line += f', held out by train_fraction {self.held_out}'
-    return f'{line}; filtered: {counts(self.filtered)}; skipped: {counts(self.skipped)}'
+    line = f'{line}; filtered: {counts(self.filtered)}; skipped: {counts(self.skipped)}'
+    return f'{line} ({self.note})' if self.note else line
 
 
 class OnError:
@@ -66,10 +75,14 @@ class OnError:
   def __init__(self, policy: str, stats: DataStats):
     self.policy, self.stats = policy, stats
 
-  def __call__(self, reason: str, where: str, message: str, count: int = 1) -> None:
-    text = f'{where}: {message}'
+  def __call__(self, reason: str, where, message: str, count: int = 1) -> None:
+    """`where` is 'file:line' or a function returning it (a line number may cost a scan)."""
+    if self.policy == 'skip':
+      self.stats.skipped[reason] += count
+      if reason in self.stats.skip_examples:
+        return
+    text = f'{where() if callable(where) else where}: {message}'
     if self.policy != 'skip':
       raise DataError(f"{text} (set data.on_error='skip' to skip and count such records)")
-    self.stats.skipped[reason] += count
-    self.stats.skip_examples.setdefault(reason, text)
+    self.stats.skip_examples[reason] = text
 

@@ -1,67 +1,115 @@
-"""Tokenize: a Record -> (int32 tokens, aux), and the prepared-record byte format."""
+"""Tokenize: a task turns a Record into (int32 token ids, bool loss mask); prepared-record bytes.
+
+A task is a function `(record, tokenizer, text_ids) -> (ids, loss_mask)`: loss_mask[i] says
+whether token i may be a loss *target* (predicted from the tokens before it). 'lm' learns every
+token after bos; 'sft' only the completion and eos. A new task (e.g. chat: messages rendered
+with a template, loss on assistant turns only) is one more entry in TASK_FUNCTIONS (and in
+lm.data.sources.TASKS). text_ids are record.text's ids when the caller encoded them in a batch
+(SentencePiece's thread pool), else None. Task 'classify' is (ids, label id) instead: one row
+per example, no packing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from lm.data.sources import Record
 
-
-def _wrap(tokenizer, ids: list[int]) -> list[int]:
-  bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-  eos = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
-  return bos + ids + eos
+Example = tuple[np.ndarray, np.ndarray]  # (int32 ids [n], bool loss mask [n])
 
 
-def _assemble(tokenizer, task: str, text_ids: list[int], completion_ids: list[int],
-              label_id: int) -> tuple[np.ndarray, int]:
-  """(tokens, aux): aux is the count of leading no-loss tokens ('lm'/'sft') or the label id."""
-  if task == 'sft':
-    prompt = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + text_ids
-    full = prompt + completion_ids + ([tokenizer.eos_id] if tokenizer.eos_id >= 0 else [])
-    return np.asarray(full, np.int32), len(prompt)
-  tokens = np.asarray(_wrap(tokenizer, text_ids), np.int32)
-  return tokens, (label_id if task == 'classify' else 0)
+def _bos(tokenizer) -> list[int]:
+  return [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+
+
+def _eos(tokenizer) -> list[int]:
+  return [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+
+
+def _ids(tokenizer, text: str, ids) -> list[int]:
+  return list(ids) if ids is not None else tokenizer.encode(text)
+
+
+def lm_example(record: Record, tokenizer, text_ids=None) -> Example:
+  ids = np.asarray(_bos(tokenizer) + _ids(tokenizer, record.text, text_ids) + _eos(tokenizer),
+                   np.int32)
+  return ids, np.ones(len(ids), bool)
+
+
+def sft_example(record: Record, tokenizer, text_ids=None) -> Example:
+  prompt = _bos(tokenizer) + _ids(tokenizer, record.text, text_ids)
+  ids = np.asarray(prompt + tokenizer.encode(record.completion) + _eos(tokenizer), np.int32)
+  return ids, np.arange(len(ids)) >= len(prompt)
+
+
+TASK_FUNCTIONS: dict[str, Callable[..., Example]] = {'lm': lm_example, 'sft': sft_example}
+
+
+def classify_example(record: Record, tokenizer, label_ids: dict[str, int],
+                     text_ids=None) -> tuple[np.ndarray, int]:
+  ids = _bos(tokenizer) + _ids(tokenizer, record.text, text_ids) + _eos(tokenizer)
+  return np.asarray(ids, np.int32), label_ids.get(record.label, 0)
 
 
 class TokenizeRecord:
-  """grain map: Record -> (int32 tokens, aux)."""
+  """grain map: Record -> (ids, loss mask), or (ids, label id) for task 'classify'."""
 
   def __init__(self, tokenizer, task: str, label_ids: dict[str, int] | None = None):
     self.tokenizer, self.task, self.label_ids = tokenizer, task, label_ids or {}
 
-  def __call__(self, record: Record) -> tuple[np.ndarray, int]:
-    completion = self.tokenizer.encode(record.completion) if self.task == 'sft' else []
-    return _assemble(self.tokenizer, self.task, self.tokenizer.encode(record.text), completion,
-                     self.label_ids.get(record.label, 0))
+  def __call__(self, record: Record):
+    if self.task == 'classify':
+      return classify_example(record, self.tokenizer, self.label_ids)
+    return TASK_FUNCTIONS[self.task](record, self.tokenizer)
 
 
 def tokenize_records(records: Sequence[Record], tokenizer, task: str,
-                     label_ids: dict[str, int] | None = None) -> list[tuple[np.ndarray, int]]:
-  """Batch version of TokenizeRecord (SentencePiece's thread pool): for prepare and report."""
-  label_ids = label_ids or {}
+                     label_ids: dict[str, int] | None = None) -> list:
+  """Batch version of TokenizeRecord (texts encoded in SentencePiece's thread pool)."""
   texts = tokenizer.encode_batch([r.text for r in records])
-  completions = (tokenizer.encode_batch([r.completion for r in records]) if task == 'sft'
-                 else [[]] * len(records))
-  return [_assemble(tokenizer, task, t, c, label_ids.get(r.label, 0))
-          for r, t, c in zip(records, texts, completions)]
+  if task == 'classify':
+    return [classify_example(r, tokenizer, label_ids or {}, t) for r, t in zip(records, texts)]
+  return [TASK_FUNCTIONS[task](r, tokenizer, t) for r, t in zip(records, texts)]
 
 
-def decode_prepared(raw: bytes) -> tuple[np.ndarray, int]:
-  """A prepared record: little-endian int32 [aux, tokens...] -> (tokens, aux)."""
+def encode_prepared(tokens: np.ndarray, aux) -> bytes:
+  """A prepared record, little-endian int32: [k, ids...] where k >= 0 is a label id or the
+  count of leading tokens outside the loss (the mask is then implied), or
+  [-n, ids (n), mask (n)] for any other loss mask."""
+  tokens = np.asarray(tokens, '<i4')
+  if not isinstance(aux, np.ndarray):
+    return np.concatenate([np.asarray([aux], '<i4'), tokens]).tobytes()
+  leading = int(np.argmax(aux)) if aux.any() else len(aux)
+  if aux[leading:].all():
+    return np.concatenate([np.asarray([leading], '<i4'), tokens]).tobytes()
+  return np.concatenate([np.asarray([-len(tokens)], '<i4'), tokens,
+                         aux.astype('<i4')]).tobytes()
+
+
+def decode_prepared(raw: bytes) -> tuple[np.ndarray, int | np.ndarray]:
+  """(ids, k) for the [k, ids...] form, (ids, bool mask) for the [-n, ids, mask] form."""
   values = np.frombuffer(raw, dtype='<i4')
-  return values[1:].astype(np.int32), int(values[0])
+  head = int(values[0])
+  if head >= 0:
+    return values[1:].astype(np.int32), head
+  n = -head
+  return values[1:1 + n].astype(np.int32), values[1 + n:1 + 2 * n] != 0
 
 
-def encode_prepared(tokens: np.ndarray, aux: int) -> bytes:
-  return np.concatenate([np.asarray([aux], '<i4'), np.asarray(tokens, '<i4')]).tobytes()
+def loss_mask(ids: np.ndarray, aux) -> np.ndarray:
+  """The bool loss mask of a document given as (ids, mask) or (ids, leading no-loss count)."""
+  if isinstance(aux, np.ndarray):
+    return aux.astype(bool, copy=False)
+  return np.arange(len(ids)) >= aux
 
 
-def concat_docs(docs: Sequence[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
-  """grain batch_fn: k tokenized documents -> one element of concatenated tokens."""
-  return {'tokens': np.concatenate([t for t, _ in docs]) if docs else np.zeros(0, np.int32),
+def concat_docs(docs: Sequence[tuple]) -> dict[str, np.ndarray]:
+  """grain batch_fn: k tokenized documents -> one element of concatenated tokens and masks."""
+  if not docs:
+    return {'tokens': np.zeros(0, np.int32), 'lengths': np.zeros(0, np.int64),
+            'loss': np.zeros(0, bool)}
+  return {'tokens': np.concatenate([t for t, _ in docs]),
           'lengths': np.asarray([len(t) for t, _ in docs], np.int64),
-          'no_loss': np.asarray([a for _, a in docs], np.int64)}
-
+          'loss': np.concatenate([loss_mask(t, a) for t, a in docs])}
