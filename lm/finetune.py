@@ -16,6 +16,7 @@ merged model is saved as a plain params checkpoint in <workdir>/merged.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 from typing import Any
 
@@ -25,7 +26,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from lm import checkpoint, lora, loop, optim, tasks
+from lm import checkpoint, lora, loop, optim, selection, sharding, tasks
+from lm import config as config_lib
 from lm import model as model_lib
 
 REPORT = 'finetune_report'
@@ -35,21 +37,25 @@ REPORT = 'finetune_report'
 
 
 def parameter_table(run: loop.Run) -> str:
-  """Trainable vs. frozen parameters (count and bytes) by top-level subtree."""
+  """Trainable vs. frozen parameters (count and bytes) by top-level subtree; stacked (scanned)
+  layers are shown per layer, as layers_<i>, like unscanned ones."""
   flat = model_lib.flatten_params(run.abstract_params)
-  trainable = set(run.trainable)
   rows = collections.OrderedDict()
   for path, leaf in flat.items():
-    top = path.split('/')[0]
-    size = int(np.prod(leaf.shape))
-    nbytes = size * np.dtype(leaf.dtype).itemsize
-    row = rows.setdefault(top, [0, 0, 0, 0])
-    if path in trainable:
-      row[0] += size
-      row[1] += nbytes
+    itemsize = np.dtype(leaf.dtype).itemsize
+    layers = selection.selected_layers(path, None, leaf.shape)
+    trained = selection.selected_layers(path, run.trainable[path], leaf.shape) if (
+        path in run.trainable) else []
+    if layers is None:  # Not stacked: one row for the whole leaf.
+      parts = [(path.split('/')[0], int(np.prod(leaf.shape)), path in run.trainable)]
     else:
-      row[2] += size
-      row[3] += nbytes
+      per_layer = int(np.prod(leaf.shape[1:]))
+      parts = [(f'{selection.STACKED}_{i}', per_layer, i in trained) for i in layers]
+    for top, size, is_trained in parts:
+      row = rows.setdefault(top, [0, 0, 0, 0])
+      offset = 0 if is_trained else 2
+      row[offset] += size
+      row[offset + 1] += size * itemsize
   totals = [sum(r[i] for r in rows.values()) for i in range(4)]
   lines = ['| subtree | trainable | trainable MB | frozen | frozen MB |', '|---|---:|---:|---:|---:|']
   for name, (t, tb, f, fb) in list(rows.items()) + [('**total**', totals)]:
@@ -58,11 +64,13 @@ def parameter_table(run: loop.Run) -> str:
 
 
 def optimizer_state_bytes(run: loop.Run) -> int:
-  """Bytes of optimizer state (whole model, all devices) for the run's trainable set."""
+  """Bytes of optimizer state (whole model, all devices) for the run's trainable set: frozen
+  leaves hold none; a partly trainable stacked leaf holds it for its trainable slices only."""
   flat = model_lib.flatten_params(run.abstract_params)
   tx, _ = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps, run.trainable)
-  abstract = jax.eval_shape(tx.init, {p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype)
-                                      for p in run.trainable})
+  abstract_train = {p: jax.ShapeDtypeStruct(x.shape, x.dtype)
+                    for p, x in selection.take(flat, run.trainable).items()}
+  abstract = jax.eval_shape(tx.init, abstract_train)
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)))
 
 
@@ -111,15 +119,21 @@ def sequence_log_likelihoods(run: loop.Run, params, texts: list[str]) -> np.ndar
     inputs[i, :len(x) - 1], targets[i, :len(x) - 1], mask[i, :len(x) - 1] = x[:-1], x[1:], 1
   segments = (mask > 0).astype(np.int32)
   model = model_lib.build_model(run.cfg.model, run.cfg.finetune if run.is_finetune else None)
+  # Params stay where they are (sharded over every process); the small token batch is
+  # replicated, and so is the result, which every process can then read.
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=replicated)
   def score(params, inputs, targets, mask, segments):
     logits = model.apply({'params': params}, inputs, None, segments)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return jnp.sum(picked * mask, axis=-1)
 
-  return np.asarray(score(jax.device_get(params), inputs, targets, mask, segments))
+  batch = [jax.make_array_from_process_local_data(replicated, x)
+           for x in (inputs, targets, mask, segments)]
+  with sharding.activate(run.mesh, run.cfg.mesh.rules):
+    return np.asarray(score(params, *batch))
 
 
 def probe_preference(run: loop.Run, params, path: str) -> float:
@@ -162,17 +176,35 @@ def format_report(before: dict, after: dict) -> str:
 
 
 # Model keys that describe how to run, not what was trained: the fine-tuning config decides.
-RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'num_classes')
+RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'num_classes',
+                      'attn_query_chunk', 'attention')
 
 
 def inherit_architecture(cfg: ml_collections.ConfigDict) -> None:
-  """The restored checkpoint's saved config fixes the architecture (and the tokenizer)."""
+  """The restored checkpoint's saved config fixes the architecture (and the tokenizer).
+
+  A model key the fine-tuning config sets explicitly (to other than its default) must agree
+  with the checkpoint: one ConfigError lists every key that differs.
+  """
   try:
     saved = checkpoint.read_config(cfg.finetune.restore_from)
   except checkpoint.CheckpointError:
     return  # No saved config: the fine-tuning config must describe the model itself.
+  defaults = config_lib.model_config()
+  differing = []
   for key, value in saved.model.items():
-    if key not in RUNTIME_MODEL_KEYS:
+    if key in RUNTIME_MODEL_KEYS or key not in cfg.model:
+      continue
+    given = cfg.model[key]
+    if key in defaults and given != defaults[key] and given != value:
+      differing.append(f'model.{key}: config {given!r}, checkpoint {value!r}')
+  if differing:
+    raise config_lib.ConfigError(
+        f'finetune.restore_from {cfg.finetune.restore_from}: the config gives an architecture '
+        'that differs from the checkpoint\'s (drop these keys to take the checkpoint\'s '
+        'values):\n  ' + '\n  '.join(differing))
+  for key, value in saved.model.items():
+    if key not in RUNTIME_MODEL_KEYS and key in cfg.model:
       cfg.model[key] = value
   if saved.tokenizer.path and not cfg.tokenizer.path:
     cfg.tokenizer.path = saved.tokenizer.path
@@ -208,7 +240,8 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     if 'before' not in report:  # A resumed run keeps the numbers measured before step 0.
       report = {'before': measure(run, eval_fn, params), 'optimizer_state_mb': opt_mb,
                 'parameters': parameter_table(run)}
-      if run.cfg.train.sample_tokens and run.task != 'classify':
+      # Sampling decodes on one host; with several processes the samples are left out here.
+      if run.cfg.train.sample_tokens and run.task != 'classify' and jax.process_count() == 1:
         report['samples_before'] = loop.sample_text(run, params, list(run.cfg.train.sample_prompts),
                                                     run.cfg.train.sample_tokens, seed=run.cfg.seed)
         print('samples before fine-tuning:\n  ' + '\n  '.join(
@@ -222,8 +255,9 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     table = format_report(report['before'], report['after'])
     print('what fine-tuning changed:\n' + table)
     if run.cfg.finetune.lora_rank > 0:
-      merged_dir = checkpoint.save_params(run.workdir / 'merged',
-                                          lora.merge(jax.device_get(params), run.cfg.finetune),
+      # Merged on the mesh, saved by every process: no host holds the whole model.
+      merged = lora.merge_sharded(params, run.cfg.finetune, run.params_shardings)
+      merged_dir = checkpoint.save_params(run.workdir / 'merged', merged,
                                           lora.merged_model_config(run.cfg))
       report['merged_checkpoint'] = str(merged_dir)
       print(f'LoRA merged into the base weights: {merged_dir}')
