@@ -33,6 +33,12 @@ from lm import model as model_lib
 REPORT = 'finetune_report'
 
 
+def say(text: str) -> None:
+  """Process 0 speaks for the run (as lm.metrics does for the progress lines)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
 # --------------------------------------------------------------------------- parameters
 
 
@@ -234,9 +240,9 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
 
   def on_start(run, eval_fn, params):
     nonlocal report
-    print(parameter_table(run))
+    say(parameter_table(run))
     opt_mb = optimizer_state_bytes(run) / 2**20
-    print(f'optimizer state: {opt_mb:.2f} MB for {len(run.trainable)} trainable tensors')
+    say(f'optimizer state: {opt_mb:.2f} MB for {len(run.trainable)} trainable tensors')
     if 'before' not in report:  # A resumed run keeps the numbers measured before step 0.
       report = {'before': measure(run, eval_fn, params), 'optimizer_state_mb': opt_mb,
                 'parameters': parameter_table(run)}
@@ -244,7 +250,7 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
       if run.cfg.train.sample_tokens and run.task != 'classify' and jax.process_count() == 1:
         report['samples_before'] = loop.sample_text(run, params, list(run.cfg.train.sample_prompts),
                                                     run.cfg.train.sample_tokens, seed=run.cfg.seed)
-        print('samples before fine-tuning:\n  ' + '\n  '.join(
+        say('samples before fine-tuning:\n  ' + '\n  '.join(
             t.replace('\n', '\n  ') for t in report['samples_before']))
       if jax.process_index() == 0:
         report_path.write_text(json.dumps(report, indent=1))
@@ -253,14 +259,14 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   def on_end(run, eval_fn, params):
     report['after'] = measure(run, eval_fn, params)
     table = format_report(report['before'], report['after'])
-    print('what fine-tuning changed:\n' + table)
+    say('what fine-tuning changed:\n' + table)
     if run.cfg.finetune.lora_rank > 0:
       # Merged on the mesh, saved by every process: no host holds the whole model.
       merged = lora.merge_sharded(params, run.cfg.finetune, run.params_shardings)
       merged_dir = checkpoint.save_params(run.workdir / 'merged', merged,
                                           lora.merged_model_config(run.cfg))
       report['merged_checkpoint'] = str(merged_dir)
-      print(f'LoRA merged into the base weights: {merged_dir}')
+      say(f'LoRA merged into the base weights: {merged_dir}')
     if jax.process_index() == 0:
       report_path.write_text(json.dumps(report, indent=1))
       (run.workdir / f'{REPORT}.md').write_text(table + '\n')
