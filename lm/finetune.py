@@ -181,7 +181,8 @@ def format_report(before: dict, after: dict) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-# Model keys that describe how to run, not what was trained: the fine-tuning config decides.
+# Model keys that describe how to run, not what was trained: the fine-tuning config decides
+# where it sets them; left at their defaults, they are run as the checkpoint was.
 RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'num_classes',
                       'attn_query_chunk', 'attention')
 
@@ -190,7 +191,8 @@ def inherit_architecture(cfg: ml_collections.ConfigDict) -> None:
   """The restored checkpoint's saved config fixes the architecture (and the tokenizer).
 
   A model key the fine-tuning config sets explicitly (to other than its default) must agree
-  with the checkpoint: one ConfigError lists every key that differs.
+  with the checkpoint: one ConfigError lists every key that differs. Runtime keys (dtype,
+  scan_layers, remat, ...) set explicitly win; left at their defaults they follow the checkpoint.
   """
   try:
     saved = checkpoint.read_config(cfg.finetune.restore_from)
@@ -210,7 +212,9 @@ def inherit_architecture(cfg: ml_collections.ConfigDict) -> None:
         'that differs from the checkpoint\'s (drop these keys to take the checkpoint\'s '
         'values):\n  ' + '\n  '.join(differing))
   for key, value in saved.model.items():
-    if key not in RUNTIME_MODEL_KEYS and key in cfg.model:
+    if key not in cfg.model:
+      continue
+    if key not in RUNTIME_MODEL_KEYS or (key in defaults and cfg.model[key] == defaults[key]):
       cfg.model[key] = value
   if saved.tokenizer.path and not cfg.tokenizer.path:
     cfg.tokenizer.path = saved.tokenizer.path

@@ -239,3 +239,24 @@ def test_lora_finetune_writes_a_merged_checkpoint(pretrained, tmp_path):
   merged = checkpoint.load_params(summary['report']['merged_checkpoint'])
   assert not any('lora' in p for p in model_lib.flatten_params(merged))
   assert checkpoint.read_config(summary['report']['merged_checkpoint']).finetune.lora_rank == 0
+
+
+def test_per_layer_freezing_on_a_scanned_finetune_of_an_unscanned_checkpoint(pretrained, tmp_path):
+  """The README's freezing example on scanned layers, restoring the other layout."""
+  cfg = finetune_config(pretrained, **{'model.scan_layers': True})
+  cfg.finetune.general_eval = False
+  cfg.finetune.probe_path = ''
+  cfg.finetune.freeze = ('embed/.*', 'layers_0/.*')
+  cfg.optim.lr_multipliers = (('layers_[0-1]/.*', 0.1),)
+  summary = finetune.finetune(cfg, tmp_path / 'scanned')
+  table = summary['report']['parameters']
+  assert '| layers_0 | 0 | 0.00 |' in table and '| layers_1 | 0 |' not in table
+  source = model_lib.flatten_params(jax.device_get(checkpoint.load_params(pretrained)))
+  tuned = model_lib.flatten_params(jax.device_get(checkpoint.load_params(tmp_path / 'scanned')))
+  assert 'layers/mlp/wo/kernel' in tuned  # Saved in the run's (scanned) layout.
+  for path, value in tuned.items():
+    if path.startswith('layers/'):
+      rest = path[len('layers/'):]
+      assert np.array_equal(value[0], source[f'layers_0/{rest}']), path  # Frozen slice, bitwise.
+      assert not np.array_equal(value[1], source[f'layers_1/{rest}']), path
+  assert np.array_equal(tuned['embed/embedding'], source['embed/embedding'])
