@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
 
 import grain
 import jax
@@ -253,9 +252,10 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_itera
   mismatch is a config error and raises at once), then restored. A step whose files fail the
   check (checksum, missing or truncated file; without a manifest: a restore error saying a
   file is missing or damaged) is named in a warning with its problem and the previous step is
-  tried. Any other restore error (out of memory, a sharding bug) is raised as it is. When one restores, the failed
-  newer steps are moved to quarantine_dir (default <checkpoints>/../corrupt_checkpoints), kept
-  for inspection and out of the way of the next saves. If none restores, CheckpointError lists
+  tried. Any other restore error (out of memory, a sharding bug) is raised as it is. When a
+  step restores, the failed newer steps are moved to quarantine_dir (default
+  <checkpoints>/../corrupt_checkpoints), kept for inspection and out of the way of the next
+  saves. If none restores, CheckpointError lists
   every step's problem and nothing is moved.
   """
   directory = epath.Path(manager.directory)

@@ -30,7 +30,6 @@ import numpy as np
 from lm.config import ConfigError
 
 STACKED = 'layers'  # nn.scan's name for the stacked layers (lm.model.Transformer).
-_LAYER = re.compile(r'^layers_(\d+)/')
 
 Selection = dict  # {leaf path: tuple of layer indices, or None for the whole leaf}
 
