@@ -17,8 +17,9 @@ Integrity: once every process has written its files and just before Orbax rename
 temporary directory (its post_finalization_callback, on the primary process), the manifest
 is written into it, so a committed step always carries one. `restore_latest` checks a step
 against its manifest before trusting it (a flipped byte, a truncated or missing file), then
-restores it; a step that fails is named in a warning and the previous one is tried. Steps
-without a manifest (written before manifests existed) are checked by restoring them.
+restores it; a step whose files are damaged is named in a warning and the previous one is
+tried (any other restore error is raised: it is not the step's fault). Steps without a
+manifest (written before manifests existed) are checked by restoring them.
 """
 
 from __future__ import annotations
