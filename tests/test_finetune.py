@@ -260,3 +260,9 @@ def test_per_layer_freezing_on_a_scanned_finetune_of_an_unscanned_checkpoint(pre
       assert np.array_equal(value[0], source[f'layers_0/{rest}']), path  # Frozen slice, bitwise.
       assert not np.array_equal(value[1], source[f'layers_1/{rest}']), path
   assert np.array_equal(tuned['embed/embedding'], source['embed/embedding'])
+  # Resuming restores the optimizer state of the trainable slices (shape [1, ...]) and goes on.
+  cfg.train.steps = 4
+  resumed = finetune.finetune(cfg, tmp_path / 'scanned')
+  assert resumed['resumed_from'] == 3 and resumed['step'] == 4
+  tuned = model_lib.flatten_params(jax.device_get(checkpoint.load_params(tmp_path / 'scanned')))
+  assert np.array_equal(tuned['layers/mlp/wo/kernel'][0], source['layers_0/mlp/wo/kernel'])
