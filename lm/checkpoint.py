@@ -17,8 +17,9 @@ Integrity: once every process has written its files and just before Orbax rename
 temporary directory (its post_finalization_callback, on the primary process), the manifest
 is written into it, so a committed step always carries one. `restore_latest` checks a step
 against its manifest before trusting it (a flipped byte, a truncated or missing file), then
-restores it; a step that fails is named in a warning and the previous one is tried. Steps
-without a manifest (written before manifests existed) are checked by restoring them.
+restores it; a step whose files are damaged is named in a warning and the previous one is
+tried (any other restore error is raised: it is not the step's fault). Steps without a
+manifest (written before manifests existed) are checked by restoring them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import hashlib
 import json
 import os
 import time
-from typing import Any
 
 import grain
 import jax
@@ -38,6 +38,7 @@ from absl import logging
 from etils import epath
 
 from lm import config as config_lib
+from lm import layout
 from lm import model as model_lib
 from lm.errors import UserError
 
@@ -249,10 +250,13 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_itera
   """(state, step) from the newest complete, intact checkpoint; (None, None) if there is none.
 
   Newest first, each step is checked against its manifest, its params against the model (a
-  mismatch is a config error and raises at once), then restored. A step that fails is named
-  in a warning with its problem and the previous step is tried. When one restores, the failed
-  newer steps are moved to quarantine_dir (default <checkpoints>/../corrupt_checkpoints), kept
-  for inspection and out of the way of the next saves. If none restores, CheckpointError lists
+  mismatch is a config error and raises at once), then restored. A step whose files fail the
+  check (checksum, missing or truncated file; without a manifest: a restore error saying a
+  file is missing or damaged) is named in a warning with its problem and the previous step is
+  tried. Any other restore error (out of memory, a sharding bug) is raised as it is. When a
+  step restores, the failed newer steps are moved to quarantine_dir (default
+  <checkpoints>/../corrupt_checkpoints), kept for inspection and out of the way of the next
+  saves. If none restores, CheckpointError lists
   every step's problem and nothing is moved.
   """
   directory = epath.Path(manager.directory)
@@ -274,7 +278,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_itera
                         'if it restores', step, MANIFEST)
       try:
         state = restore(manager, step, abstract_state, data_iterator=data_iterator)
-      except Exception as e:  # pylint: disable=broad-except  # Whatever a damaged file raises.
+      except Exception as e:  # pylint: disable=broad-except
+        # Only damaged files make a step unusable; anything else (out of memory, a sharding
+        # bug) would fail on every step alike: it propagates and no step is quarantined.
+        if has_manifest or not is_integrity_error(e):
+          raise
         problem = f'restoring it failed ({_first_line(e)})'
     if not problem:
       if failed:
@@ -287,6 +295,23 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state, *, data_itera
     raise CheckpointError(f'no usable checkpoint in {directory}: ' + '; '.join(
         f'step {s}: {p}' for s, p in failed) + ' (move the directory away to start afresh)')
   return None, None
+
+
+# What reading a missing, truncated or corrupted file raises, through Orbax / TensorStore
+# (which report absl status codes in ValueError messages) or the data iterator's JSON.
+_INTEGRITY_TYPES = (FileNotFoundError, EOFError, json.JSONDecodeError, UnicodeDecodeError)
+_INTEGRITY_STATUS = ('NOT_FOUND', 'DATA_LOSS', 'OUT_OF_RANGE')
+
+
+def is_integrity_error(e: BaseException) -> bool:
+  """Whether an exception (or one it was raised from) says a file is missing or damaged."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, _INTEGRITY_TYPES) or any(code in str(e) for code in _INTEGRITY_STATUS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _quarantine(manager: ocp.CheckpointManager, steps: list[int], quarantine_dir=None) -> None:
@@ -375,6 +400,9 @@ def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = 
   if problems:
     hint = ' (finetune.allow_new_params lets new parameters be initialised)' if any(
         p.startswith('missing') for p in problems) else ''
+    if any(p.startswith(('missing layers', 'unexpected layers')) for p in problems):
+      hint += (' (layers/... is the scanned layout, layers_<i>/... the unscanned one: '
+               'model.scan_layers and model.n_layers must describe the checkpoint)')
     raise CheckpointError(f'checkpoint {source} does not match the model{hint}:\n  '
                           + '\n  '.join(problems))
 
@@ -384,21 +412,33 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, allow_new=(),
   """Params from a checkpoint, strictly checked against abstract_params (with shardings).
 
   Paths matched by `allow_new` may be missing from the checkpoint; they are taken from
-  `init_params` (freshly initialised, e.g. a task head or LoRA adapters). Without
-  abstract_params, everything is restored as saved onto the local devices.
+  `init_params` (freshly initialised, e.g. a task head or LoRA adapters). A checkpoint saved
+  in the other layer layout (scanned / unscanned) is converted on the mesh (lm.layout).
+  Without abstract_params, everything is restored as saved onto the local devices.
   """
   directory, step = resolve(path)
   _, problem = verify_step(directory / str(step))
   if problem:  # Never load silently damaged weights.
     raise CheckpointError(f'checkpoint {directory / str(step)} is corrupt: {problem}')
   saved = params_metadata(path)
+  source = str(directory / str(step))
   if abstract_params is None:
     abstract_flat = {p: jax.ShapeDtypeStruct(s, d) for p, (s, d) in saved.items()}
+    change = None
   else:
     abstract_flat = model_lib.flatten_params(abstract_params)
+    change = layout.change_needed(saved, abstract_flat)
+    converted, problem = layout.convert_metadata(saved, change)
+    if problem:
+      raise CheckpointError(f'checkpoint {source} cannot be restored: {layout.describe(change)}, '
+                            f'but {problem}; set model.scan_layers to the layout it was saved in')
     expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in abstract_flat.items()}
-    check_params_match(saved, expected, allow_new, source=str(directory / str(step)))
-  to_read = {p: x for p, x in abstract_flat.items() if p in saved}
+    check_params_match(converted, expected, allow_new, source=source)
+  if change is None:
+    to_read = {p: x for p, x in abstract_flat.items() if p in saved}
+  else:  # Read in the saved layout, sharded like the model leaves the arrays become.
+    logging.info('%s: converting on restore', layout.describe(change))
+    to_read = layout.saved_targets(abstract_flat, saved, change)
   target = {'params': model_lib.unflatten_params(to_read)}
   handler = ocp.PyTreeCheckpointHandler()
   restored = handler.restore(
@@ -406,6 +446,8 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, allow_new=(),
       args=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target),
                                   partial_restore=True))
   flat = model_lib.flatten_params(restored['params'])
+  if change is not None:
+    flat = layout.convert(flat, change, abstract_flat)
   if len(flat) < len(abstract_flat):
     if init_params is None:
       raise CheckpointError('load_params needs init_params for new parameters')

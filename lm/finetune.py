@@ -25,31 +25,42 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, lora, loop, optim, probe, replay, tasks
+from lm import checkpoint, lora, loop, optim, probe, replay, selection, tasks
+from lm import config as config_lib
 from lm import model as model_lib
 
 REPORT = 'finetune_report'
+
+
+def say(text: str) -> None:
+  """Process 0 speaks for the run (as lm.metrics does for the progress lines)."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
 
 
 # --------------------------------------------------------------------------- parameters
 
 
 def parameter_table(run: loop.Run) -> str:
-  """Trainable vs. frozen parameters (count and bytes) by top-level subtree."""
+  """Trainable vs. frozen parameters (count and bytes) by top-level subtree; stacked (scanned)
+  layers are shown per layer, as layers_<i>, like unscanned ones."""
   flat = model_lib.flatten_params(run.abstract_params)
-  trainable = set(run.trainable)
   rows = collections.OrderedDict()
   for path, leaf in flat.items():
-    top = path.split('/')[0]
-    size = int(np.prod(leaf.shape))
-    nbytes = size * np.dtype(leaf.dtype).itemsize
-    row = rows.setdefault(top, [0, 0, 0, 0])
-    if path in trainable:
-      row[0] += size
-      row[1] += nbytes
+    itemsize = np.dtype(leaf.dtype).itemsize
+    layers = selection.selected_layers(path, None, leaf.shape)
+    trained = selection.selected_layers(path, run.trainable[path], leaf.shape) if (
+        path in run.trainable) else []
+    if layers is None:  # Not stacked: one row for the whole leaf.
+      parts = [(path.split('/')[0], int(np.prod(leaf.shape)), path in run.trainable)]
     else:
-      row[2] += size
-      row[3] += nbytes
+      per_layer = int(np.prod(leaf.shape[1:]))
+      parts = [(f'{selection.STACKED}_{i}', per_layer, i in trained) for i in layers]
+    for top, size, is_trained in parts:
+      row = rows.setdefault(top, [0, 0, 0, 0])
+      offset = 0 if is_trained else 2
+      row[offset] += size
+      row[offset + 1] += size * itemsize
   totals = [sum(r[i] for r in rows.values()) for i in range(4)]
   lines = ['| subtree | trainable | trainable MB | frozen | frozen MB |', '|---|---:|---:|---:|---:|']
   for name, (t, tb, f, fb) in list(rows.items()) + [('**total**', totals)]:
@@ -58,11 +69,13 @@ def parameter_table(run: loop.Run) -> str:
 
 
 def optimizer_state_bytes(run: loop.Run) -> int:
-  """Bytes of optimizer state (whole model, all devices) for the run's trainable set."""
+  """Bytes of optimizer state (whole model, all devices) for the run's trainable set: frozen
+  leaves hold none; a partly trainable stacked leaf holds it for its trainable slices only."""
   flat = model_lib.flatten_params(run.abstract_params)
   tx, _ = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps, run.trainable)
-  abstract = jax.eval_shape(tx.init, {p: jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype)
-                                      for p in run.trainable})
+  abstract_train = {p: jax.ShapeDtypeStruct(x.shape, x.dtype)
+                    for p, x in selection.take(flat, run.trainable).items()}
+  abstract = jax.eval_shape(tx.init, abstract_train)
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)))
 
 
@@ -112,18 +125,40 @@ def format_report(before: dict, after: dict) -> str:
 # --------------------------------------------------------------------------- the run
 
 
-# Model keys that describe how to run, not what was trained: the fine-tuning config decides.
-RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'num_classes')
+# Model keys that describe how to run, not what was trained: the fine-tuning config decides
+# where it sets them; left at their defaults, they are run as the checkpoint was.
+RUNTIME_MODEL_KEYS = ('dtype', 'param_dtype', 'scan_layers', 'remat', 'num_classes',
+                      'attn_query_chunk', 'attention')
 
 
 def inherit_architecture(cfg: ml_collections.ConfigDict) -> None:
-  """The restored checkpoint's saved config fixes the architecture (and the tokenizer)."""
+  """The restored checkpoint's saved config fixes the architecture (and the tokenizer).
+
+  A model key the fine-tuning config sets explicitly (to other than its default) must agree
+  with the checkpoint: one ConfigError lists every key that differs. Runtime keys (dtype,
+  scan_layers, remat, ...) set explicitly win; left at their defaults they follow the checkpoint.
+  """
   try:
     saved = checkpoint.read_config(cfg.finetune.restore_from)
   except checkpoint.CheckpointError:
     return  # No saved config: the fine-tuning config must describe the model itself.
+  defaults = config_lib.model_config()
+  differing = []
   for key, value in saved.model.items():
-    if key not in RUNTIME_MODEL_KEYS:
+    if key in RUNTIME_MODEL_KEYS or key not in cfg.model:
+      continue
+    given = cfg.model[key]
+    if key in defaults and given != defaults[key] and given != value:
+      differing.append(f'model.{key}: config {given!r}, checkpoint {value!r}')
+  if differing:
+    raise config_lib.ConfigError(
+        f'finetune.restore_from {cfg.finetune.restore_from}: the config gives an architecture '
+        'that differs from the checkpoint\'s (drop these keys to take the checkpoint\'s '
+        'values):\n  ' + '\n  '.join(differing))
+  for key, value in saved.model.items():
+    if key not in cfg.model:
+      continue
+    if key not in RUNTIME_MODEL_KEYS or (key in defaults and cfg.model[key] == defaults[key]):
       cfg.model[key] = value
   if saved.tokenizer.path and not cfg.tokenizer.path:
     cfg.tokenizer.path = saved.tokenizer.path
@@ -153,18 +188,19 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
 
   def on_start(run, eval_fn, params):
     nonlocal report
-    print(parameter_table(run))
+    say(parameter_table(run))
     opt_mb = optimizer_state_bytes(run) / 2**20
-    print(f'optimizer state: {opt_mb:.2f} MB for {len(run.trainable)} trainable tensors')
+    say(f'optimizer state: {opt_mb:.2f} MB for {len(run.trainable)} trainable tensors')
     if 'before' not in report:  # A resumed run keeps the numbers measured before step 0.
       report = {'before': measure(run, eval_fn, params), 'optimizer_state_mb': opt_mb,
                 'parameters': parameter_table(run)}
       if run.cfg.finetune.probes:  # Per-pair scores: the shift's CI pairs them with 'after'.
         report['probe_scores_before'] = probe.score_run(run, params)
-      if run.cfg.train.sample_tokens and run.task != 'classify':
+      # Sampling decodes on one host; with several processes the samples are left out here.
+      if run.cfg.train.sample_tokens and run.task != 'classify' and jax.process_count() == 1:
         report['samples_before'] = loop.sample_text(run, params, list(run.cfg.train.sample_prompts),
                                                     run.cfg.train.sample_tokens, seed=run.cfg.seed)
-        print('samples before fine-tuning:\n  ' + '\n  '.join(
+        say('samples before fine-tuning:\n  ' + '\n  '.join(
             t.replace('\n', '\n  ') for t in report['samples_before']))
       if jax.process_index() == 0:
         report_path.write_text(json.dumps(report, indent=1))
@@ -180,13 +216,14 @@ def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
       report['probes'] = probe.compare(run.cfg.finetune.probes, report['probe_scores_before'],
                                        probe.score_run(run, params), run.cfg.finetune.probe_bootstrap)
       table += '\n\n' + probe.format_table(report['probes'])
-    print('what fine-tuning changed:\n' + table)
+    say('what fine-tuning changed:\n' + table)
     if run.cfg.finetune.lora_rank > 0:
-      merged_dir = checkpoint.save_params(run.workdir / 'merged',
-                                          lora.merge(jax.device_get(params), run.cfg.finetune),
+      # Merged on the mesh, saved by every process: no host holds the whole model.
+      merged = lora.merge_sharded(params, run.cfg.finetune, run.params_shardings)
+      merged_dir = checkpoint.save_params(run.workdir / 'merged', merged,
                                           lora.merged_model_config(run.cfg))
       report['merged_checkpoint'] = str(merged_dir)
-      print(f'LoRA merged into the base weights: {merged_dir}')
+      say(f'LoRA merged into the base weights: {merged_dir}')
     if jax.process_index() == 0:
       report_path.write_text(json.dumps(report, indent=1))
       (run.workdir / f'{REPORT}.md').write_text(table + '\n')

@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from lm import checkpoint, data, metrics as metrics_lib, optim, replay, sharding, step as step_lib
+from lm import checkpoint, data, metrics as metrics_lib, optim, replay, selection, sharding
+from lm import step as step_lib
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError, validate
@@ -47,7 +48,7 @@ class Run:
   tokenizer: Any
   model: Any
   task: str
-  trainable: list[str]
+  trainable: dict  # lm.selection: {path: None (whole leaf) or trainable layers of a stack}.
   abstract_params: Any  # ShapeDtypeStructs with shardings.
   params_shardings: Any
   is_finetune: bool
@@ -104,8 +105,8 @@ def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> 
       jax.random.key(cfg.seed))
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           abstract, shardings)
-  paths = list(model_lib.flatten_params(abstract))
-  trainable = optim.trainable_paths(paths, cfg.finetune if is_finetune else None)
+  trainable = optim.trainable_selection(model_lib.flatten_params(abstract),
+                                        cfg.finetune if is_finetune else None, cfg.optim)
   if not trainable:
     raise ConfigError('config keys finetune.freeze/trainable leave no parameter to train')
   return Run(cfg, workdir, mesh, tokenizer, model, task, trainable, abstract, shardings,
@@ -178,7 +179,7 @@ def evaluate(run: Run, eval_fn: Callable, params, *, cfg: ml_collections.ConfigD
     for key in totals:
       totals[key] += float(stats[key])
     if task == 'classify':
-      keep = np.asarray(batch['loss_mask']).any(axis=1)  # Padding rows carry no example.
+      keep = np.asarray(stats['valid'])  # Padding rows carry no example (global rows).
       predictions.append(np.asarray(stats['predictions'])[keep])
       labels.append(np.asarray(stats['labels'])[keep])
   if hasattr(iterator, 'close'):
@@ -197,7 +198,9 @@ def evaluate(run: Run, eval_fn: Callable, params, *, cfg: ml_collections.ConfigD
 
 def make_eval_fn(run: Run, task: str | None = None) -> Callable:
   eval_step = step_lib.make_eval_step(run.model, task=task or run.task)
-  jitted = jax.jit(eval_step)
+  # Replicated results: every process reads the global batch's statistics and predictions.
+  jitted = jax.jit(eval_step, out_shardings=jax.sharding.NamedSharding(
+      run.mesh, jax.sharding.PartitionSpec()))
 
   def eval_fn(params, batch):
     with sharding.activate(run.mesh, run.cfg.mesh.rules):
@@ -443,4 +446,4 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
 
 def _count_trainable(run: Run) -> int:
   flat = model_lib.flatten_params(run.abstract_params)
-  return int(sum(np.prod(flat[p].shape) for p in run.trainable))
+  return sum(selection.selected_size(p, i, flat[p].shape) for p, i in run.trainable.items())

@@ -3,16 +3,19 @@
 Adapters are ordinary parameters created by lm.model.Linear when finetune.lora_rank > 0 and
 the kernel's path matches finetune.lora_targets (the same regex-over-paths mechanism as
 freezing): `<module>/lora_a` [in..., r] and `<module>/lora_b` [r, out...], with B zero at
-start so the adapted model begins exactly as the base model. Only adapters train
-(lm.optim.trainable_paths). `merge` folds W + (alpha / r) * A @ B into the kernels and drops
-the adapters, giving a plain model any tool (export, generate) can load.
+start so the adapted model begins exactly as the base model. With scanned layers one module
+serves every layer, so a stacked kernel gets adapters when any layer is a target; the other
+layers' slices keep B = 0 (no effect, and a merge leaves their kernels bitwise unchanged) and
+do not train. Only adapters train (lm.optim.trainable_selection). `merge` folds
+W + (alpha / r) * A @ B into the kernels and drops the adapters, giving a plain model any tool
+(export, generate) can load; `merge_sharded` does it on the mesh, for several processes.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from lm import model as model_lib
 
@@ -42,6 +45,15 @@ def merge(params, finetune: ml_collections.ConfigDict):
   return model_lib.unflatten_params(flat)
 
 
+def merge_sharded(params, finetune: ml_collections.ConfigDict, params_shardings):
+  """`merge` as one jitted function on the params' mesh: each kernel is merged where it lives
+  and keeps its sharding, so it works across processes without gathering the model."""
+  flat_shardings = model_lib.flatten_params(params_shardings)
+  merged_shardings = model_lib.unflatten_params(
+      {p: s for p, s in flat_shardings.items() if p not in adapter_paths(flat_shardings)})
+  return jax.jit(lambda p: merge(p, finetune), out_shardings=merged_shardings)(params)
+
+
 def merged_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the merged model: the same, with LoRA off."""
   merged = ml_collections.ConfigDict(cfg.to_dict())
@@ -49,6 +61,3 @@ def merged_model_config(cfg: ml_collections.ConfigDict) -> ml_collections.Config
   return merged
 
 
-def adapter_bytes(flat_params: dict) -> int:
-  return int(sum(np.prod(flat_params[p].shape) * flat_params[p].dtype.itemsize
-                 for p in adapter_paths(flat_params)))

@@ -68,7 +68,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from lm import model as model_lib
-from lm import optim, sharding, step as step_lib
+from lm import optim, selection, sharding, step as step_lib
 from lm.config import MESH_AXES, ConfigError
 
 MB = 2**20
@@ -110,9 +110,9 @@ def abstract_state(cfg: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   params = nn.meta.unbox(boxed)
   flat, flat_shardings = (model_lib.flatten_params(params),
                           model_lib.flatten_params(params_shardings))
-  trainable = optim.trainable_paths(list(flat), cfg.finetune if finetune else None)
+  trainable = optim.trainable_selection(flat, cfg.finetune if finetune else None, cfg.optim)
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps, trainable)
-  train_flat = {p: flat[p] for p in trainable}
+  train_flat = selection.take(flat, trainable)
   train_shardings = {p: flat_shardings[p] for p in trainable}
   state_shardings = step_lib.state_shardings(params_shardings, tx, train_flat, train_shardings,
                                              mesh)

@@ -32,7 +32,6 @@ within the window. RoPE uses the per-token positions, which restart for every do
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import attention
+from lm import attention, selection
 
 Array = jax.Array
 
@@ -110,11 +109,15 @@ class Linear(nn.Module):
   use_bias: bool = False  # A bias [out...] after the matmul (Qwen2 q/k/v, Llama attention_bias).
 
   def _lora_enabled(self) -> bool:
+    """Whether this kernel gets adapters. Under nn.scan one module serves every layer, so a
+    stacked kernel gets them when any layer's path matches (lm.selection names layers the
+    same in both layouts); only the matching layers' slices train (lm.optim)."""
     if not self.lora_rank:
       return False
     path = '/'.join(str(p) for p in self.path) + '/kernel'
-    path = re.sub(r'^layers/', 'layers_0/', path) if path.startswith('layers/') else path
-    return any(re.fullmatch(t, path) for t in self.lora_targets)
+    # The layer count comes from the enclosing Attention / Mlp's model config.
+    n_layers = getattr(getattr(self.parent, 'cfg', None), 'n_layers', 1)
+    return selection.matches_any_layer(path, self.lora_targets, n_layers)
 
   def _flat_matmul(self, x: Array, kernel: Array) -> Array:
     """x [..., *in_shape] @ kernel as one 2-D [tokens, in] x [in, out] matmul.

@@ -21,6 +21,7 @@ import ml_collections
 import optax
 
 from lm import model as model_lib
+from lm import selection
 from lm.optim import global_norm
 
 
@@ -88,7 +89,7 @@ def _microbatches(batch: dict, num: int) -> dict:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable,
-                    trainable: list[str], *, task: str = 'lm', z_loss: float = 0.0,
+                    trainable, *, task: str = 'lm', z_loss: float = 0.0,
                     grad_accum: int = 1, nan_steps: tuple[int, ...] = ()) -> Callable:
   """Builds the pure train step for this model, optimizer and trainable set.
 
@@ -96,10 +97,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   (1-based, as the loop reports them) the loss and gradients are multiplied by NaN inside the
   jitted step, so the non-finite guard and the loop's NaN policy run for real.
   """
-  trainable = tuple(sorted(trainable))
+  trainable = selection.as_selection(trainable)  # Leaves, or slices of stacked layers.
 
   def loss_of_trainable(train_flat, frozen_flat, batch, weight, dropout_rng):
-    params = model_lib.unflatten_params({**frozen_flat, **train_flat})
+    params = model_lib.unflatten_params(selection.put(frozen_flat, train_flat, trainable))
     loss_sum, stats = task_loss(model, params, batch, task, z_loss, dropout_rng)
     return loss_sum / weight, stats
 
@@ -124,8 +125,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     flat = model_lib.flatten_params(state.params)
-    train_flat = {p: flat[p] for p in trainable}
-    frozen_flat = {p: v for p, v in flat.items() if p not in train_flat}
+    train_flat = selection.take(flat, trainable)
+    # Partly trainable stacked leaves stay here too: their frozen slices are read from it.
+    frozen_flat = {p: v for p, v in flat.items() if trainable.get(p, ()) is not None}
     rng, dropout_rng = jax.random.split(state.rng)
     grads, stats = gradients(train_flat, frozen_flat, batch, dropout_rng)
     if nan_steps:
@@ -143,7 +145,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     keep_new = lambda new, old: jnp.where(finite, new, old)
     new_train = jax.tree.map(keep_new, new_train, train_flat)
     new_opt_state = jax.tree.map(keep_new, new_opt_state, state.opt_state)
-    params = model_lib.unflatten_params({**frozen_flat, **new_train})
+    params = model_lib.unflatten_params(selection.put(frozen_flat, new_train, trainable))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=new_opt_state, rng=rng)
     metrics = {
         'loss': loss,
@@ -172,6 +174,7 @@ def make_eval_step(model: nn.Module, *, task: str = 'lm') -> Callable:
                               batch['segment_ids'], head='classify')
       out['predictions'] = jnp.argmax(logits_BC, -1)
       out['labels'] = batch['labels']
+      out['valid'] = jnp.any(batch['loss_mask'] > 0, axis=1)  # Padding rows hold no example.
     return out
 
   return eval_step
@@ -202,7 +205,7 @@ def state_shardings(params_shardings, tx, abstract_train_flat, train_shardings_f
                     rng=replicated)
 
 
-def create_train_state(model: nn.Module, tx, trainable: list[str], mesh, rules, *, seed: int,
+def create_train_state(model: nn.Module, tx, trainable, mesh, rules, *, seed: int,
                        seq_len: int, num_classes: int = 0, params=None):
   """A sharded TrainState: fresh params (born sharded) or the given ones placed on the mesh.
 
@@ -221,11 +224,14 @@ def create_train_state(model: nn.Module, tx, trainable: list[str], mesh, rules, 
     params = jax.device_put(params, params_shardings)
   abstract_flat = model_lib.flatten_params(abstract_params)
   shardings_flat = model_lib.flatten_params(params_shardings)
-  abstract_train = {p: abstract_flat[p] for p in trainable}
+  trainable = selection.as_selection(trainable)
+  abstract_train = selection.take(abstract_flat, trainable)
+  # A stacked slice keeps its leaf's sharding: the layer axis is never sharded.
   train_shardings = {p: shardings_flat[p] for p in trainable}
   shardings = state_shardings(params_shardings, tx, abstract_train, train_shardings, mesh)
   flat = model_lib.flatten_params(params)
-  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)({p: flat[p] for p in trainable})
+  opt_state = jax.jit(lambda f: tx.init(selection.take(f, trainable)),
+                      out_shardings=shardings.opt_state)({p: flat[p] for p in trainable})
   # Born on the mesh under jit: device_put cannot target devices of other processes.
   step0, state_rng = jax.jit(lambda r: (jnp.zeros((), jnp.int32), r),
                              out_shardings=(shardings.step, shardings.rng))(state_rng)

@@ -83,9 +83,9 @@ def build(task_data: str, out_path: str | os.PathLike) -> epath.Path:
   else:
     raise ConfigError(f'config key finetune.task_data: unknown {task_data!r} (choose from {TASK_DATA})')
   out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.parent / (out_path.name + '.tmp')
+  tmp = out_path.parent / f'{out_path.name}.{os.getpid()}.tmp'  # Processes of one run race here.
   tmp.write_text(''.join(json.dumps(e) + '\n' for e in examples))
-  tmp.rename(out_path)
+  tmp.replace(out_path)  # Another process may have written the same file first.
   return out_path
 
 

@@ -29,7 +29,7 @@ def test_frozen_params_stay_bitwise_equal_and_hold_no_optimizer_state():
   ft = config.finetune_config()
   ft.freeze = ('embed/.*', 'layers_0/.*')
   paths = list(model_lib.flatten_params(params))
-  trainable = optim.trainable_paths(paths, ft)
+  trainable = optim.trainable_selection(model_lib.flatten_params(params), ft)
   assert 'embed/embedding' not in trainable and 'layers_1/mlp/wo/kernel' in trainable
   assert not any(p.startswith('layers_0/') for p in trainable)
   state, tx, schedule = make_state(model, params, trainable)
@@ -68,7 +68,7 @@ def test_trainable_patterns_and_lr_multipliers():
   ft = config.finetune_config()
   ft.trainable = ('layers_1/.*', 'final_norm/.*')
   ft.freeze = ('.*norm.*',)
-  trainable = optim.trainable_paths(paths, ft)
+  trainable = optim.trainable_selection(model_lib.flatten_params(params), ft)
   assert trainable and all(p.startswith('layers_1/') and 'norm' not in p for p in trainable)
   optim_cfg = config.optim_config()
   optim_cfg.lr_multipliers = (('layers_1/mlp/.*', 0.0),)
@@ -119,7 +119,7 @@ def test_lora_trains_only_adapters():
   model = model_lib.build_model(mcfg, ft)
   params = host_params(model)
   paths = list(model_lib.flatten_params(params))
-  trainable = optim.trainable_paths(paths, ft)
+  trainable = optim.trainable_selection(model_lib.flatten_params(params), ft)
   assert set(trainable) == set(lora.adapter_paths(model_lib.flatten_params(params)))
   state, tx, schedule = make_state(model, params, trainable)
   train_step = jax.jit(step.make_train_step(model, tx, schedule, trainable))
@@ -236,3 +236,30 @@ def test_lora_finetune_writes_a_merged_checkpoint(pretrained, tmp_path):
   merged = checkpoint.load_params(summary['report']['merged_checkpoint'])
   assert not any('lora' in p for p in model_lib.flatten_params(merged))
   assert checkpoint.read_config(summary['report']['merged_checkpoint']).finetune.lora_rank == 0
+
+
+def test_per_layer_freezing_on_a_scanned_finetune_of_an_unscanned_checkpoint(pretrained, tmp_path):
+  """The README's freezing example on scanned layers, restoring the other layout."""
+  cfg = finetune_config(pretrained, **{'model.scan_layers': True})
+  cfg.finetune.general_eval = False
+  cfg.finetune.probes = ()
+  cfg.finetune.freeze = ('embed/.*', 'layers_0/.*')
+  cfg.optim.lr_multipliers = (('layers_[0-1]/.*', 0.1),)
+  summary = finetune.finetune(cfg, tmp_path / 'scanned')
+  table = summary['report']['parameters']
+  assert '| layers_0 | 0 | 0.00 |' in table and '| layers_1 | 0 |' not in table
+  source = model_lib.flatten_params(jax.device_get(checkpoint.load_params(pretrained)))
+  tuned = model_lib.flatten_params(jax.device_get(checkpoint.load_params(tmp_path / 'scanned')))
+  assert 'layers/mlp/wo/kernel' in tuned  # Saved in the run's (scanned) layout.
+  for path, value in tuned.items():
+    if path.startswith('layers/'):
+      rest = path[len('layers/'):]
+      assert np.array_equal(value[0], source[f'layers_0/{rest}']), path  # Frozen slice, bitwise.
+      assert not np.array_equal(value[1], source[f'layers_1/{rest}']), path
+  assert np.array_equal(tuned['embed/embedding'], source['embed/embedding'])
+  # Resuming restores the optimizer state of the trainable slices (shape [1, ...]) and goes on.
+  cfg.train.steps = 4
+  resumed = finetune.finetune(cfg, tmp_path / 'scanned')
+  assert resumed['resumed_from'] == 3 and resumed['step'] == 4
+  tuned = model_lib.flatten_params(jax.device_get(checkpoint.load_params(tmp_path / 'scanned')))
+  assert np.array_equal(tuned['layers/mlp/wo/kernel'][0], source['layers_0/mlp/wo/kernel'])

@@ -21,7 +21,8 @@ import pytest
 from lm import checkpoint, config, data, loop
 from lm import tokenizer as tokenizer_lib
 from lm import model as model_lib
-from helpers import ROOT, TINY_OVERRIDES, cli_args, losses, make_texts, tiny_config, write_jsonl
+from helpers import (ROOT, TINY_OVERRIDES, cli_args, load_config_file, losses, make_texts,
+                     tiny_config, write_jsonl)
 
 # The tiny run of test_train, 4 steps, checkpoints at 2 and 4, two logical data shards.
 OVERRIDES = {**TINY_OVERRIDES, 'train.steps': 4, 'train.checkpoint_every': 2,
@@ -37,16 +38,17 @@ def free_port() -> int:
 _COMPILE_CACHE = {}  # Launches share a persistent compilation cache (a later one compiles less).
 
 
-def launch(workdir, num_processes=2, timeout=150, **overrides):
-  """Runs train.py as `num_processes` processes of one job; returns each one's output."""
+def launch(workdir, num_processes=2, timeout=150, script='train.py', config_file='configs/tiny.py',
+           devices=4, overrides=None):
+  """Runs `script` as `num_processes` processes of one job; returns each one's output."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **_COMPILE_CACHE)
-  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={workdir}',
-         '--config=' + os.path.join(ROOT, 'configs/tiny.py'), '--config.name=tiny_test',
+  cmd = [sys.executable, os.path.join(ROOT, script), f'--workdir={workdir}',
+         '--config=' + os.path.join(ROOT, config_file), '--config.name=tiny_test',
          f'--coordinator=127.0.0.1:{port}', f'--num_processes={num_processes}']
-  cmd += cli_args({**OVERRIDES, **overrides})
+  cmd += cli_args(OVERRIDES if overrides is None else overrides)
   procs = [subprocess.Popen(cmd + [f'--process_id={i}'], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
            for i in range(num_processes)]
@@ -74,7 +76,10 @@ def new_workdir(path, tokenizer_from, checkpoint_from=None):
 
 def final_params(workdir, step):
   """A checkpoint's params on this process's first device, whoever wrote them."""
-  path = workdir / 'checkpoints' / str(step)
+  return params_at(workdir / 'checkpoints' / str(step))
+
+
+def params_at(path):
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = model_lib.unflatten_params({
       p: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
@@ -144,6 +149,92 @@ def test_checkpoints_move_between_one_and_two_processes(one_process, two_process
   out0, _ = launch(workdir)
   assert 'resumed at step 2' in out0
   assert_same_losses(losses(workdir), losses(one_process), (3, 4))
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+PROBE = ('gender_occupation',)  # A built-in probe set (configs/probes/).
+
+
+def finetune_overrides(pretrained) -> dict:
+  """configs/finetune_classify.py on the tiny run: LoRA adapters on q and v of every layer,
+  the classification head, probe and general eval; 3 steps over two logical data shards."""
+  return {'finetune.restore_from': str(pretrained), 'finetune.lora_rank': 4,
+          'finetune.lora_targets': ('.*attn/(q|v)/kernel',), 'finetune.freeze': ('embed/.*',),
+          'finetune.probes': PROBE, 'finetune.general_eval': True,
+          'data.seq_len': 32, 'data.batch_size': 8, 'data.shard_count': 2,
+          'train.steps': 3, 'train.log_every': 1, 'train.eval_every': 0, 'train.eval_batches': 2,
+          'train.checkpoint_every': 100, 'train.sample_tokens': 0, 'train.peak_flops': 1e9,
+          'optim.warmup_steps': 0, 'mesh.data': 8, 'mesh.fsdp': 1}
+
+
+@pytest.fixture(scope='module')
+def finetuned_one_process(one_process, tmp_path_factory):
+  from lm import finetune
+  cfg = load_config_file(os.path.join(ROOT, 'configs', 'finetune_classify.py'))
+  cfg.name = 'tiny_test'
+  for key, value in finetune_overrides(one_process).items():
+    section, name = key.split('.')
+    cfg[section][name] = value
+  workdir = new_workdir(tmp_path_factory.mktemp('ft_runs') / 'one', one_process)
+  finetune.finetune(cfg, workdir)
+  return workdir
+
+
+def test_two_processes_finetune_probe_merge_and_classify_like_one(one_process,
+                                                                  finetuned_one_process,
+                                                                  tmp_path):
+  workdir = new_workdir(tmp_path / 'two', one_process)
+  out0, _ = launch(workdir, script='finetune.py', config_file='configs/finetune_classify.py',
+                   overrides=finetune_overrides(one_process), timeout=300)
+  assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in out0
+  assert_same_losses(losses(workdir), losses(finetuned_one_process), range(1, 4))
+  ours = json.loads((workdir / 'finetune_report.json').read_text())
+  reference = json.loads((finetuned_one_process / 'finetune_report.json').read_text())
+  for when in ('before', 'after'):
+    assert {'task_accuracy', 'task_macro_f1', 'general_loss', 'probe_prefers_a'} <= set(ours[when])
+    for key, value in reference[when].items():
+      np.testing.assert_allclose(ours[when][key], value, rtol=1e-5, err_msg=f'{when} {key}')
+  assert ours['parameters'] == reference['parameters']
+  # The merged checkpoint, written by both processes, holds the same weights and no adapters.
+  merged, merged_reference = (params_at(w / 'merged' / '0') for w in (workdir, finetuned_one_process))
+  assert not any('lora' in p for p in merged) and sorted(merged) == sorted(merged_reference)
+  for path, value in merged_reference.items():
+    np.testing.assert_allclose(merged[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+# --------------------------------------------------------------------------- restore elsewhere
+
+
+# 8 steps, a checkpoint at step 3: a restored run has 5 steps to agree with this one.
+RESTORE_OVERRIDES = {**OVERRIDES, 'train.steps': 8, 'train.checkpoint_every': 3,
+                     'data.shard_count': 1}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """8 steps on 1 process x 8 devices, mesh (8, 1, 1)."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  loop.train(tiny_config(**RESTORE_OVERRIDES), workdir)
+  return workdir
+
+
+def test_restore_onto_a_2x2x2_mesh_continues_with_the_same_losses(uninterrupted, tmp_path):
+  workdir = new_workdir(tmp_path / 'mesh_222', uninterrupted, uninterrupted / 'checkpoints' / '3')
+  cfg = tiny_config(**{**RESTORE_OVERRIDES, 'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2})
+  summary = loop.train(cfg, workdir)
+  assert summary['resumed_from'] == 3
+  # Params, optimizer state and data position all have to be right for 5 steps to agree.
+  assert_same_losses(losses(workdir), losses(uninterrupted), range(4, 9))
+
+
+def test_restore_onto_four_devices_continues_with_the_same_losses(uninterrupted, tmp_path):
+  workdir = new_workdir(tmp_path / 'four', uninterrupted, uninterrupted / 'checkpoints' / '3')
+  out, = launch(workdir, num_processes=1, devices=4,
+                overrides={**RESTORE_OVERRIDES, 'mesh.data': 4}, timeout=300)
+  assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in out and 'resumed at step 3' in out
+  assert_same_losses(losses(workdir), losses(uninterrupted), range(4, 9))
 
 
 # --------------------------------------------------------------------------- data shards (in-process)
