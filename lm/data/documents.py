@@ -6,7 +6,6 @@ import dataclasses
 import json
 import pathlib
 import heapq
-import re
 
 from lm import corpus
 from lm import tokenizer as tokenizer_lib

@@ -48,9 +48,10 @@ def decode_utf8(raw: bytes, where: str, first_line: int, on_error: OnError,
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    line = lambda: line_base() + first_line - 1 + raw[:e.start].count(b'\n')
+    start = e.start  # `e` is unbound once the except block ends; the message is built lazily.
+    line = lambda: line_base() + first_line - 1 + raw[:start].count(b'\n')
     on_error('invalid_utf8', lambda: f'{where}:{line()}',
-             f'invalid UTF-8 byte 0x{raw[e.start]:02x}')
+             f'invalid UTF-8 byte 0x{raw[start]:02x}')
     return None
 
 
