@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lm import checkpoint, optim, sharding
+from lm import checkpoint, optim, selection, sharding
 from lm import model as model_lib
 from lm import step as step_lib
 from lm.config import MESH_AXES, ConfigError
@@ -44,7 +44,7 @@ class Built:
   abstract_params: Any  # ShapeDtypeStructs carrying their shardings.
   params_shardings: Any
   logical_specs: Any
-  trainable: list[str]  # '/'-joined paths that train (the rest are frozen).
+  trainable: selection.Selection  # {path: None (whole leaf) or the trained layers of a stack}.
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   state_shardings: step_lib.TrainState
@@ -55,9 +55,8 @@ class Built:
     return self.finetune is not None
 
   def trainable_params(self, params) -> dict[str, Any]:
-    """{path: leaf} of the trainable subset of a params tree (concrete or abstract)."""
-    flat = model_lib.flatten_params(params)
-    return {p: flat[p] for p in self.trainable}
+    """{path: leaf or trained slice} of a params tree (concrete or abstract)."""
+    return selection.take(model_lib.flatten_params(params), self.trainable)
 
 
 def finetune_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
@@ -97,13 +96,13 @@ def build(cfg: ml_collections.ConfigDict, mesh, *, finetune: bool | None = None,
   params_shardings = sharding.logical_to_shardings(logical_specs, mesh, cfg.mesh.rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), params_shardings)
-  trainable = optim.trainable_paths(list(model_lib.flatten_params(abstract)), section)
+  flat_abstract = model_lib.flatten_params(abstract)
+  trainable = optim.trainable_selection(flat_abstract, section, cfg.optim)
   if not trainable:
     raise ConfigError('config keys finetune.freeze/trainable leave no parameter to train')
   tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps, trainable)
-  flat_abstract = model_lib.flatten_params(abstract)
   flat_shardings = model_lib.flatten_params(params_shardings)
-  train_abstract = {p: flat_abstract[p] for p in trainable}
+  train_abstract = selection.take(flat_abstract, trainable)
   state_shardings = step_lib.state_shardings(params_shardings, tx, train_abstract,
                                              {p: flat_shardings[p] for p in trainable}, mesh)
   return Built(cfg=cfg, mesh=mesh, model_cfg=m, finetune=section,
