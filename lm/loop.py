@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from lm import checkpoint, data, metrics as metrics_lib, optim, replay, selection, sharding
+from lm import build, checkpoint, data, metrics as metrics_lib, optim, replay, selection
+from lm import sharding
 from lm import step as step_lib
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
@@ -98,19 +99,9 @@ def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> 
                       f'(mesh {dict(mesh.shape)})')
   tokenizer = data.load_or_train_tokenizer(cfg, workdir)
   fit_vocab(cfg, tokenizer)
-  task = cfg.finetune.task if is_finetune else 'lm'
-  model = model_lib.build_model(cfg.model, cfg.finetune if is_finetune else None)
-  abstract, shardings = sharding.abstract_and_shardings(
-      step_lib.init_fn(model, cfg.data.seq_len, cfg.model.num_classes), mesh, cfg.mesh.rules,
-      jax.random.key(cfg.seed))
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, shardings)
-  trainable = optim.trainable_selection(model_lib.flatten_params(abstract),
-                                        cfg.finetune if is_finetune else None, cfg.optim)
-  if not trainable:
-    raise ConfigError('config keys finetune.freeze/trainable leave no parameter to train')
-  return Run(cfg, workdir, mesh, tokenizer, model, task, trainable, abstract, shardings,
-             is_finetune)
+  built = build.build(cfg, mesh, finetune=is_finetune)
+  return Run(cfg, workdir, mesh, tokenizer, built.model, built.task, built.trainable,
+             built.abstract_params, built.params_shardings, is_finetune)
 
 
 def initial_params(run: Run):
