@@ -8,7 +8,7 @@ the assistant turns only (lm.chat), packed like 'sft'.
 
 Data: JSONL lines of {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 (data.messages_field names another field; Parquet/ArrayRecord work the same). The default is
-the small example bundled in configs/data/chat_example.jsonl. The template: data.chat_template
+the small example bundled in configs/data/chat_example*.jsonl (train and validation). The template: data.chat_template
 '' takes the converted model's own (tokenizer_config.json / chat_template.jinja beside its
 tokenizer) and falls back to lm.chat.DEFAULT_TEMPLATE for a model without one; 'required'
 refuses such a model instead; 'default' or a path (.jinja, tokenizer_config.json) override it.
@@ -20,7 +20,9 @@ import os
 
 from lm.config import base_config
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'chat_example.jsonl')
+_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+EXAMPLE = os.path.join(_DATA, 'chat_example.jsonl')
+EXAMPLE_VALIDATION = os.path.join(_DATA, 'chat_example_validation.jsonl')
 
 
 def get_config():
@@ -30,10 +32,10 @@ def get_config():
                     lora_rank=8, lora_alpha=16.0,
                     lora_targets=('.*attn/(q|k|v|o)/kernel', '.*mlp/wi_[01]/kernel'),
                     general_eval=False)
-  # Conversations are short and legitimately repetitive: no length filter (task 'lm' only
-  # anyway), and a small validation share so a small file still has a validation split.
-  c.data.update(source='jsonl', paths=(EXAMPLE,), messages_field='messages', chat_template='',
-                seq_len=256, batch_size=4, validation_share=0.2, shuffle_window=1000)
+  # Your own data: --config.data.paths=... and either --config.data.validation_paths=... or
+  # --config.data.validation_paths='()' to hold out data.validation_share of it by hash.
+  c.data.update(source='jsonl', paths=(EXAMPLE,), validation_paths=(EXAMPLE_VALIDATION,),
+                messages_field='messages', chat_template='', seq_len=256, batch_size=4)
   c.optim.update(lr=2e-4, warmup_steps=5, schedule='constant', weight_decay=0.0)
   c.train.update(steps=50, eval_every=25, eval_batches=2, log_every=5, checkpoint_every=50,
                  sample_tokens=0)
