@@ -191,3 +191,16 @@ def test_finetune_a_converted_model_on_chats(tmp_path):
   report = summary['report']
   assert np.isfinite(report['before']['domain_loss']) and np.isfinite(report['after']['domain_loss'])
   assert report['after']['domain_loss'] != report['before']['domain_loss']
+
+
+@pytest.mark.parametrize('as_json_string', [False, True], ids=['list-column', 'json-string-column'])
+def test_parquet_messages_and_another_field_name(tmp_path, as_json_string):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  tok_dir = _tokenizer_dir(tmp_path / 'tok')
+  tokenizer = Tokenizer.load(tok_dir / 'tokenizer.json')
+  column = [json.dumps(c['messages']) if as_json_string else c['messages'] for c in CONVERSATIONS]
+  path = tmp_path / 'chats.parquet'
+  pq.write_table(pa.table({'conversation': column}), path)
+  cfg = _cfg(tok_dir, [path], source='parquet', messages_field='conversation')
+  _check_packed(next(lm_data.make_pipeline(cfg, tokenizer, 'train')), _expected(tok_dir))
