@@ -159,6 +159,15 @@ def _check_messages(record: Any, where: str) -> list[dict[str, Any]]:
 def assistant_spans(template: str, messages: list[dict[str, Any]], where: str = 'record',
                     **variables) -> tuple[str, list[tuple[int, int]]]:
   """(rendered text, [(start, end) character spans of each assistant turn])."""
+  try:
+    return _assistant_spans(template, messages, where, **variables)
+  except ChatError as e:
+    message = str(e)
+    raise ChatError(message if message.startswith(f'{where}:') else f'{where}: {message}') from None
+
+
+def _assistant_spans(template: str, messages: list[dict[str, Any]], where: str,
+                     **variables) -> tuple[str, list[tuple[int, int]]]:
   full = render(template, messages, **variables)
   spans = []
   for i, message in enumerate(messages):

@@ -204,3 +204,14 @@ def test_parquet_messages_and_another_field_name(tmp_path, as_json_string):
   pq.write_table(pa.table({'conversation': column}), path)
   cfg = _cfg(tok_dir, [path], source='parquet', messages_field='conversation')
   _check_packed(next(lm_data.make_pipeline(cfg, tokenizer, 'train')), _expected(tok_dir))
+
+
+def test_a_conversation_the_template_rejects_names_file_and_line(tmp_path):
+  strict = ("{% for message in messages %}{% if message['role'] not in ('user', 'assistant') %}"
+            "{{ raise_exception('only user and assistant roles') }}{% endif %}"
+            "{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}")
+  tok_dir = _tokenizer_dir(tmp_path / 'tok', template=strict)
+  tokenizer = Tokenizer.load(tok_dir / 'tokenizer.json')
+  path = _write_jsonl(tmp_path / 'chats.jsonl', CONVERSATIONS[1:] + CONVERSATIONS[:1])
+  with pytest.raises(DataError, match=f'{path}:2: .*only user and assistant roles'):
+    next(lm_data.make_pipeline(_cfg(tok_dir, [path]), tokenizer, 'train'))
