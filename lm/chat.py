@@ -85,6 +85,18 @@ def _compile(template: str):
     raise ChatError(f'chat template does not parse (line {e.lineno}): {e.message}') from None
 
 
+def load_template_from_config(config_file: pathlib.Path) -> str | None:
+  """The (default) chat_template of a tokenizer_config.json, or None."""
+  try:
+    template = json.loads(config_file.read_text()).get('chat_template')
+  except json.JSONDecodeError as e:
+    raise ChatError(f'{config_file}: not valid JSON ({e})') from None
+  if isinstance(template, list):  # Named templates: [{"name": "default", "template": ...}, ...]
+    named = {t.get('name'): t.get('template') for t in template}
+    template = named.get('default')
+  return template or None
+
+
 def load_template(directory: str | pathlib.Path, required: bool = False) -> str:
   """The chat template stored with a model or tokenizer directory (see the module docstring)."""
   directory = pathlib.Path(directory)
@@ -92,15 +104,7 @@ def load_template(directory: str | pathlib.Path, required: bool = False) -> str:
   if jinja_file.exists():
     return jinja_file.read_text()
   config_file = directory / 'tokenizer_config.json'
-  template = None
-  if config_file.exists():
-    try:
-      template = json.loads(config_file.read_text()).get('chat_template')
-    except json.JSONDecodeError as e:
-      raise ChatError(f'{config_file}: not valid JSON ({e})') from None
-  if isinstance(template, list):  # Named templates: [{"name": "default", "template": ...}, ...]
-    named = {t.get('name'): t.get('template') for t in template}
-    template = named.get('default')
+  template = load_template_from_config(config_file) if config_file.exists() else None
   if template:
     return template
   if required:
@@ -130,21 +134,40 @@ def render(template: str, messages: Sequence[dict[str, Any]], add_generation_pro
     raise ChatError(f'chat template: {e}') from None
 
 
+def messages_problem(messages: Any) -> str | None:
+  """What makes `messages` unusable as a conversation to learn from, or None."""
+  if not isinstance(messages, list) or not messages:
+    return 'expected a non-empty list of {"role": ..., "content": ...} messages'
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or not isinstance(m.get('role'), str) or 'content' not in m:
+      return f'message {i} needs a "role" and a "content"'
+  if not any(m['role'] == 'assistant' for m in messages):
+    return 'no assistant message, so nothing to learn'
+  return None
+
+
 def _check_messages(record: Any, where: str) -> list[dict[str, Any]]:
   messages = record.get('messages') if isinstance(record, dict) else None
   if not isinstance(messages, list) or not messages:
     raise ChatError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict) or not isinstance(m.get('role'), str) or 'content' not in m:
-      raise ChatError(f'{where}: message {i} needs a "role" and a "content"')
-  if not any(m['role'] == 'assistant' for m in messages):
-    raise ChatError(f'{where}: no assistant message, so nothing to learn')
+  problem = messages_problem(messages)
+  if problem:
+    raise ChatError(f'{where}: {problem}')
   return messages
 
 
 def assistant_spans(template: str, messages: list[dict[str, Any]], where: str = 'record',
                     **variables) -> tuple[str, list[tuple[int, int]]]:
   """(rendered text, [(start, end) character spans of each assistant turn])."""
+  try:
+    return _assistant_spans(template, messages, where, **variables)
+  except ChatError as e:
+    message = str(e)
+    raise ChatError(message if message.startswith(f'{where}:') else f'{where}: {message}') from None
+
+
+def _assistant_spans(template: str, messages: list[dict[str, Any]], where: str,
+                     **variables) -> tuple[str, list[tuple[int, int]]]:
   full = render(template, messages, **variables)
   spans = []
   for i, message in enumerate(messages):
@@ -217,3 +240,55 @@ def encode_chat(record: dict[str, Any], tokenizer, template: str, where: str = '
   for begin, end in spans:  # Every token holding a character of the turn, as transformers maps.
     mask |= ((starts < end) & (ends > begin)).astype(np.int32)
   return np.asarray(ids, np.int32), mask
+
+
+# data.chat_template values that mean "the model's own template" (and what to do without one).
+MODEL_TEMPLATE, REQUIRE_MODEL_TEMPLATE, USE_DEFAULT = '', 'required', 'default'
+
+
+def model_template(tokenizer, tokenizer_path: str = '') -> str | None:
+  """The template that came with the model: the tokenizer's own (tokenizer.json bundles carry
+  it), else one stored beside tokenizer_path (a converted SentencePiece model's directory)."""
+  template = getattr(tokenizer, 'chat_template', None)
+  if isinstance(template, list):  # Named templates, as in tokenizer_config.json.
+    template = {t.get('name'): t.get('template') for t in template}.get('default')
+  if template:
+    return template
+  if tokenizer_path:
+    try:
+      return load_template(pathlib.Path(tokenizer_path).parent, required=True)
+    except ChatError:
+      return None
+  return None
+
+
+def resolve_template(setting: str, tokenizer, tokenizer_path: str = '') -> str:
+  """The template data.chat_template names, resolved once per pipeline:
+  '' the model's own, else DEFAULT_TEMPLATE; 'required' the model's own, else a ChatError;
+  'default' DEFAULT_TEMPLATE; anything else a path: a .jinja file, a tokenizer_config.json,
+  or a directory holding either."""
+  if setting in (MODEL_TEMPLATE, REQUIRE_MODEL_TEMPLATE):
+    template = model_template(tokenizer, tokenizer_path)
+    if template:
+      return template
+    if setting == REQUIRE_MODEL_TEMPLATE:
+      where = pathlib.Path(tokenizer_path).parent if tokenizer_path else 'the tokenizer'
+      raise ChatError(f"config key data.chat_template='required': {where} has no chat template "
+                      '(no chat_template in tokenizer_config.json, no chat_template.jinja); set '
+                      "data.chat_template to a template file, or to 'default' for "
+                      'lm.chat.DEFAULT_TEMPLATE')
+    return DEFAULT_TEMPLATE
+  if setting == USE_DEFAULT:
+    return DEFAULT_TEMPLATE
+  path = pathlib.Path(setting)
+  if path.is_dir():
+    return load_template(path, required=True)
+  if not path.is_file():
+    raise ChatError(f"config key data.chat_template: no such file or directory '{setting}' "
+                    "(or use '', 'required' or 'default')")
+  if path.name.endswith('.json'):
+    template = load_template_from_config(path)
+    if not template:
+      raise ChatError(f'config key data.chat_template: {path} has no "chat_template"')
+    return template
+  return path.read_text()

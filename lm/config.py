@@ -128,6 +128,8 @@ def data_config() -> ConfigDict:
   c.prompt_field = 'prompt'  # SFT task.
   c.completion_field = 'completion'  # SFT task.
   c.label_field = 'label'  # Classification task.
+  c.messages_field = 'messages'  # Chat task: the [{"role", "content"}, ...] list (or its JSON string).
+  c.chat_template = ''  # Chat task: '' the model's own template, else lm.chat.DEFAULT_TEMPLATE; 'required' the model's own or an error; 'default'; or a path (.jinja, tokenizer_config.json, or a directory).
   c.mixture = ()  # For source='mixture': tuple of (name, weight); names are builtin subsets or paths.
   c.train_fraction = 1.0  # Use only this share of the training documents (data-scaling studies).
   c.validation_share = 0.05  # Share of documents (by hash) held out for validation.
@@ -200,7 +202,7 @@ def finetune_config() -> ConfigDict:
   c = ConfigDict()
   c.restore_from = ''  # Workdir or checkpoint whose params are restored (params only).
   c.allow_new_params = ()  # Path regexes that may be missing from the checkpoint (e.g. a head).
-  c.task = 'lm'  # 'lm' (domain adaptation), 'sft' (prompt->completion) or 'classify'.
+  c.task = 'lm'  # 'lm' (domain adaptation), 'sft' (prompt->completion), 'classify' or 'chat' (messages; loss on assistant turns).
   c.freeze = ()  # Path regexes of frozen parameters.
   c.trainable = ()  # If set, only matching paths train (applied before `freeze`).
   c.lora_rank = 0  # > 0 enables LoRA on `lora_targets`; then only adapters train.
@@ -324,8 +326,8 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _require(t.steps > 0, 'train.steps', 'must be > 0')
   _require(t.nan_policy in ('skip', 'stop'), 'train.nan_policy', "must be 'skip' or 'stop'")
   f = cfg.finetune
-  _require(f.task in ('lm', 'sft', 'classify'), 'finetune.task',
-           f"must be 'lm', 'sft' or 'classify', got {f.task!r}")
+  _require(f.task in ('lm', 'sft', 'classify', 'chat'), 'finetune.task',
+           f"must be 'lm', 'sft', 'classify' or 'chat', got {f.task!r}")
   _require(f.task != 'classify' or cfg.model.num_classes > 1, 'model.num_classes',
            "task 'classify' needs model.num_classes >= 2")
   _require(0.0 <= f.replay < 1.0, 'finetune.replay', f'must be in [0, 1), got {f.replay}')

@@ -12,7 +12,9 @@ Sources (cfg.data.source; paths through etils.epath, so gs:// works):
   'text'         files/globs/directories; one document per file, or per blank-line-separated
                  block with data.text_unit='paragraph';
   'jsonl'        one JSON object per line; fields data.text_field (task 'lm'), prompt_field +
-                 completion_field ('sft'), text_field + label_field ('classify');
+                 completion_field ('sft'), text_field + label_field ('classify'),
+                 messages_field ('chat': [{"role", "content"}, ...], rendered with the chat
+                 template data.chat_template names, loss on assistant turns; lm.chat);
   'parquet'      the same fields as columns (pyarrow);
   'arrayrecord'  records of UTF-8 text, or JSON objects (a record starting with '{' that parses
                  as an object) with the fields above;
@@ -65,9 +67,10 @@ Batches (T = data.seq_len, B = data.batch_size // process_count rows per process
   positions   int32   [B, T]  0, 1, ... restarting with every segment of the row
   loss_mask   float32 [B, T]  1 where the target is the next token of the same document
                               (0 on padding and across document boundaries; for task 'sft'
-                              also 0 where the target is a prompt token)
+                              also 0 where the target is a prompt token, for 'chat' where it
+                              is not an assistant-turn token)
   labels      int32   [B]     task 'classify' only; ids in the order of class_names(cfg)
-Tasks 'lm' and 'sft' concatenate documents and cut the stream into rows: no token is lost
+Tasks 'lm', 'sft' and 'chat' concatenate documents and cut the stream into rows: no token is lost
 or repeated, long documents continue in the next row (the last target of a row is the first
 input of the next, so no prediction is lost either). Task 'classify' puts one document per
 row, truncated to T (keeping the final eos) and padded; loss_mask marks its real tokens.

@@ -16,7 +16,7 @@ _NON_TEXT = re.compile('[\x00-\x08\x0b\x0e-\x1f\x7f\ufffd]')
 
 
 def filter_text(record: Record) -> str:
-  return record.text + record.completion
+  return record.text + record.completion + record.messages
 
 
 def quality_reason(text: str, d, task: str) -> str | None:
@@ -31,7 +31,9 @@ def quality_reason(text: str, d, task: str) -> str | None:
 
 
 def content_hash(record: Record) -> bytes:
-  payload = '\x00'.join((record.text, record.completion, record.label)).encode('utf-8', 'replace')
+  parts = (record.text, record.completion, record.label) + ((record.messages,) if record.messages
+                                                             else ())  # Other tasks' hashes stay.
+  payload = '\x00'.join(parts).encode('utf-8', 'replace')
   return hashlib.blake2b(payload, digest_size=16).digest()
 
 

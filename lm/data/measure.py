@@ -13,7 +13,7 @@ from lm.data.filters import filter_text
 from lm.data.pipeline import make_pipeline
 from lm.data.sources import components
 from lm.data.stats import DataStats
-from lm.data.tokenize import tokenize_records
+from lm.data.tokenize import task_template, tokenize_records
 
 
 def _split_tokens(cfg, tokenizer, split: str, task: str) -> tuple[list[np.ndarray], int]:
@@ -24,9 +24,10 @@ def _split_tokens(cfg, tokenizer, split: str, task: str) -> tuple[list[np.ndarra
     kept = DataStats.from_dict(meta['stats']).kept_bytes[split]
     return [ds[i][0] for i in range(len(ds))], kept
   records = documents.load_documents(cfg, split, task)
-  docs = []
+  docs, template = [], task_template(cfg, tokenizer, task)
   for begin in range(0, len(records), 1024):
-    docs.extend(t for t, _ in tokenize_records(records[begin:begin + 1024], tokenizer, task))
+    docs.extend(t for t, _ in tokenize_records(records[begin:begin + 1024], tokenizer, task,
+                                               template=template))
   return docs, sum(len(filter_text(r).encode('utf-8')) for r in records)
 
 

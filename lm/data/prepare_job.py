@@ -34,7 +34,7 @@ from lm.data.prepared import PREPARED_FORMAT, PREPARED_META, shard_name
 from lm.data.sources import check_data_config, components, label_sort_key, validation_component
 from lm.data.split import split_rank
 from lm.data.stats import SPLITS, DataError, DataStats, OnError
-from lm.data.tokenize import decode_prepared, encode_prepared, tokenize_records
+from lm.data.tokenize import decode_prepared, encode_prepared, task_template, tokenize_records
 from lm.data.units import Unit, list_units
 
 _HEADER = struct.Struct('<16sdii')  # content hash, rank, text bytes, label bytes.
@@ -69,7 +69,7 @@ def _atomic_write(path: epath.Path, write) -> None:
 def _tokenize_unit(job) -> dict:
   """Stage 1 for one unit; returns (and saves) its summary."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
-  index, unit, out_dir, d, task, tokenizer = job
+  index, unit, out_dir, d, task, tokenizer, template = job
   stats = DataStats()
   on_error = OnError(d.on_error, stats)
   digests, signatures, labels, tokens = [], [], set(), 0
@@ -80,7 +80,8 @@ def _tokenize_unit(job) -> dict:
 
   def flush():
     nonlocal tokens
-    for record, (ids, aux) in zip(batch, tokenize_records(batch, tokenizer, task)):
+    examples = tokenize_records(batch, tokenizer, task, template=template)
+    for record, (ids, aux) in zip(batch, examples):
       digest = content_hash(record)
       label = record.label.encode('utf-8')
       text_bytes = len(filter_text(record).encode('utf-8'))
@@ -200,7 +201,9 @@ def tokenize_stage(cfg, tokenizer, out_dir, *, workers: int = 1, task_index: int
   todo = [i for i in mine if not _unit_file(out_dir, i, 'json').exists()]
   bar = Progress(f'prepare task {task_index}/{task_count}', len(mine), len(mine) - len(todo),
                  every=2.0 if progress else float('inf'))
-  jobs = [(i, units[i][0], out_dir, cfg.data, cfg.finetune.task, tokenizer) for i in todo]
+  template = task_template(cfg, tokenizer, cfg.finetune.task)
+  jobs = [(i, units[i][0], out_dir, cfg.data, cfg.finetune.task, tokenizer, template)
+          for i in todo]
   _run_parallel(_tokenize_unit, jobs, workers, lambda s: bar.update(s['documents'], s['tokens']))
   return todo
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from etils import epath
 
-from lm import corpus
+from lm import chat, corpus
 from lm.data.sources import Component, Record, as_tuple
 from lm.data.stats import DataError, OnError
 
@@ -57,12 +57,36 @@ def decode_utf8(raw: bytes, where: str, first_line: int, on_error: OnError,
 
 def _fields_for(task: str, d) -> tuple[str, ...]:
   return {'lm': (d.text_field,), 'sft': (d.prompt_field, d.completion_field),
-          'classify': (d.text_field, d.label_field)}[task]
+          'classify': (d.text_field, d.label_field), 'chat': (d.messages_field,)}[task]
 
 
 def _field_keys(task: str) -> tuple[str, ...]:
   return {'lm': ('data.text_field',), 'sft': ('data.prompt_field', 'data.completion_field'),
-          'classify': ('data.text_field', 'data.label_field')}[task]
+          'classify': ('data.text_field', 'data.label_field'),
+          'chat': ('data.messages_field',)}[task]
+
+
+def _chat_record(obj: dict, d, where, on_error: OnError) -> Record | None:
+  """Task 'chat': the messages list (a list, or a JSON string of one: Parquet string columns),
+  checked here so a bad conversation is reported with its file and line like any bad field."""
+  field = d.messages_field
+  if field not in obj or obj[field] is None:
+    on_error('missing_field', where, f"no field '{field}' (config key data.messages_field)")
+    return None
+  messages = obj[field]
+  if isinstance(messages, str):
+    try:
+      messages = json.loads(messages)
+    except json.JSONDecodeError:
+      pass  # Reported below as not a list.
+  problem = chat.messages_problem(messages)
+  if problem is not None:
+    on_error('bad_messages', where, f"field '{field}': {problem}")
+    return None
+  # Template errors surface when the record is tokenized; origin names it then (JSONL readers
+  # give a cheap one: a line number past a unit's start would cost a scan of the file).
+  return Record('', messages=json.dumps(messages, ensure_ascii=False),
+                origin=where if isinstance(where, str) else '')
 
 
 def record_from_object(obj, task: str, d, where: str, on_error: OnError) -> Record | None:
@@ -70,6 +94,8 @@ def record_from_object(obj, task: str, d, where: str, on_error: OnError) -> Reco
   if not isinstance(obj, dict):
     on_error('not_an_object', where, f'expected a JSON object, got {type(obj).__name__}')
     return None
+  if task == 'chat':
+    return _chat_record(obj, d, where, on_error)
   values = []
   for field, key in zip(_fields_for(task, d), _field_keys(task)):
     if field not in obj or obj[field] is None:
@@ -160,6 +186,9 @@ def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError, begin: int = 
         on_error('invalid_json', where, f'not valid JSON ({e.msg} at column {e.colno})')
         continue
       record = record_from_object(obj, task, d, where, on_error)
+      if record is not None and task == 'chat':
+        record = record._replace(origin=f'{path}:{number}' if not begin else
+                                 f'{path}:line {number} from byte {start}')
       if record is not None:
         yield record
     if not nonblank and not begin and not any(raw.strip() for raw in f):

@@ -19,7 +19,7 @@ from lm.data import documents, prepared
 from lm.data.sources import Component, components, validation_component
 from lm.data.stats import DataError, DataStats
 from lm.data.stream import SplitSelector, UnitStreamIterDataset, unit_records
-from lm.data.tokenize import TokenizeRecord
+from lm.data.tokenize import TokenizeRecord, task_template
 from lm.data.units import list_units, shard_units
 
 _VALIDATION_SEED = 0  # Fixed, so every run evaluates on the same documents in the same order.
@@ -72,7 +72,7 @@ def shard_documents(cfg, tokenizer, split: str, task: str, shard: tuple[int, int
     ds, stats = prepared.prepared_dataset(cfg, tokenizer, split, task)
     ds = _order(ds, cfg, train, shard, 0, cfg.data.prepared_dir)
     return [(ds, 1.0, not len(ds))], stats
-  tokenize = TokenizeRecord(tokenizer, task, label_ids)
+  tokenize = TokenizeRecord(tokenizer, task, label_ids, task_template(cfg, tokenizer, task))
   comps = components(cfg)
   validation = validation_component(cfg)
   if validation is not None and not train:

@@ -11,7 +11,7 @@ from lm import corpus
 from lm.data.stats import DataError
 
 SOURCES = ('builtin', 'text', 'jsonl', 'parquet', 'arrayrecord', 'mixture')
-TASKS = ('lm', 'sft', 'classify')
+TASKS = ('lm', 'sft', 'classify', 'chat')
 
 
 class Record(NamedTuple):
@@ -23,6 +23,9 @@ class Record(NamedTuple):
   origin: str = ''  # 'file:line' (or corpus document name), for messages.
   group: str = ''  # Split key; '' means the content hash.
   rank: float = 0.0  # hash(group) in [0, 1): split and order.
+  # Task 'chat': the conversation's messages as a JSON list (a string keeps Record small,
+  # hashable and cheap to pickle into grain workers).
+  messages: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,10 @@ def check_data_config(cfg, task: str) -> None:
   require(int(d.read_chunk_bytes) >= 1, 'data.read_chunk_bytes', 'must be >= 1')
   require(int(d.shuffle_window) >= 0, 'data.shuffle_window', 'must be >= 0')
   require(int(d.dedup_buckets) >= 1, 'data.dedup_buckets', 'must be >= 1')
+  require(isinstance(d.messages_field, str) and d.messages_field, 'data.messages_field',
+          f'must be a field name, got {d.messages_field!r}')
+  require(isinstance(d.chat_template, str), 'data.chat_template',
+          "must be '' (the model's own, else the default), 'required', 'default' or a path")
   unknown_kinds = set(as_tuple(d.builtin_kinds)) - set(corpus.KINDS)
   require(not unknown_kinds and as_tuple(d.builtin_kinds), 'data.builtin_kinds',
           f'must be a non-empty subset of {corpus.KINDS}, got {d.builtin_kinds!r}')
@@ -130,7 +137,8 @@ def source_key(cfg, task: str | None = None) -> dict:
   d = cfg.data
   keys = ('source', 'builtin_subset', 'builtin_kinds', 'paths', 'mixture', 'text_unit',
           'validation_paths',
-          'text_field', 'prompt_field', 'completion_field', 'label_field', 'on_error', 'dedup',
+          'text_field', 'prompt_field', 'completion_field', 'label_field', 'messages_field',
+          'on_error', 'dedup',
           'near_dedup', 'near_dedup_threshold', 'min_chars', 'max_chars', 'max_nontext_fraction')
   key = {k: d[k] for k in keys}
   key['task'] = task or cfg.finetune.task

@@ -2,20 +2,25 @@
 
 A task is a function `(record, tokenizer, text_ids) -> (ids, loss_mask)`: loss_mask[i] says
 whether token i may be a loss *target* (predicted from the tokens before it). 'lm' learns every
-token after bos; 'sft' only the completion and eos. A new task (e.g. chat: messages rendered
-with a template, loss on assistant turns only) is one more entry in TASK_FUNCTIONS (and in
-lm.data.sources.TASKS). text_ids are record.text's ids when the caller encoded them in a batch
+token after bos; 'sft' only the completion and eos; 'chat' renders record.messages with the
+chat template (lm.chat; data.chat_template, resolved once per pipeline by task_template and
+handed to TokenizeRecord / tokenize_records) and learns the assistant turns only. A new task is
+one more entry in TASK_FUNCTIONS (and in lm.data.sources.TASKS). text_ids are record.text's ids when the caller encoded them in a batch
 (SentencePiece's thread pool), else None. Task 'classify' is (ids, label id) instead: one row
 per example, no packing.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lm import chat
 from lm.data.sources import Record
+from lm.data.stats import DataError
 
 Example = tuple[np.ndarray, np.ndarray]  # (int32 ids [n], bool loss mask [n])
 
@@ -44,7 +49,36 @@ def sft_example(record: Record, tokenizer, text_ids=None) -> Example:
   return ids, np.arange(len(ids)) >= len(prompt)
 
 
-TASK_FUNCTIONS: dict[str, Callable[..., Example]] = {'lm': lm_example, 'sft': sft_example}
+def chat_example(record: Record, tokenizer, text_ids=None, *, template: str) -> Example:
+  """record.messages rendered with the chat template; loss on the assistant turns (lm.chat)."""
+  del text_ids  # The template writes the text; nothing was encoded ahead.
+  try:
+    ids, mask = chat.encode_chat({'messages': json.loads(record.messages)}, tokenizer, template,
+                                 record.origin or 'record')
+  except chat.ChatError as e:
+    raise DataError(str(e)) from None
+  return ids, mask.astype(bool)
+
+
+TASK_FUNCTIONS: dict[str, Callable[..., Example]] = {'lm': lm_example, 'sft': sft_example,
+                                                     'chat': chat_example}
+# Tasks whose function takes the pipeline's resolved chat template (template=...).
+TEMPLATE_TASKS = ('chat',)
+
+
+def task_template(cfg, tokenizer, task: str) -> str | None:
+  """The chat template a task needs, resolved once per pipeline (data.chat_template), or None."""
+  if task not in TEMPLATE_TASKS:
+    return None
+  return chat.resolve_template(cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
+
+
+def _task_function(task: str, template: str | None) -> Callable[..., Example]:
+  if task in TEMPLATE_TASKS:
+    if template is None:
+      raise DataError(f"task '{task}' needs the chat template (lm.data.tokenize.task_template)")
+    return functools.partial(TASK_FUNCTIONS[task], template=template)
+  return TASK_FUNCTIONS[task]
 
 
 def classify_example(record: Record, tokenizer, label_ids: dict[str, int],
@@ -54,20 +88,26 @@ def classify_example(record: Record, tokenizer, label_ids: dict[str, int],
 
 
 class TokenizeRecord:
-  """grain map: Record -> (ids, loss mask), or (ids, label id) for task 'classify'."""
+  """grain map: Record -> (ids, loss mask), or (ids, label id) for task 'classify'.
+  template: the resolved chat template, for task 'chat' (task_template)."""
 
-  def __init__(self, tokenizer, task: str, label_ids: dict[str, int] | None = None):
+  def __init__(self, tokenizer, task: str, label_ids: dict[str, int] | None = None,
+               template: str | None = None):
     self.tokenizer, self.task, self.label_ids = tokenizer, task, label_ids or {}
+    self.example = None if task == 'classify' else _task_function(task, template)
 
   def __call__(self, record: Record):
     if self.task == 'classify':
       return classify_example(record, self.tokenizer, self.label_ids)
-    return TASK_FUNCTIONS[self.task](record, self.tokenizer)
+    return self.example(record, self.tokenizer)
 
 
 def tokenize_records(records: Sequence[Record], tokenizer, task: str,
-                     label_ids: dict[str, int] | None = None) -> list:
+                     label_ids: dict[str, int] | None = None, template: str | None = None) -> list:
   """Batch version of TokenizeRecord (texts encoded in SentencePiece's thread pool)."""
+  if task in TEMPLATE_TASKS:
+    example = _task_function(task, template)
+    return [example(r, tokenizer) for r in records]
   texts = tokenizer.encode_batch([r.text for r in records])
   if task == 'classify':
     return [classify_example(r, tokenizer, label_ids or {}, t) for r, t in zip(records, texts)]
