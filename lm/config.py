@@ -331,7 +331,7 @@ def validate(cfg: ConfigDict, num_devices: int | None = None) -> ConfigDict:
   _require(f.task != 'classify' or cfg.model.num_classes > 1, 'model.num_classes',
            "task 'classify' needs model.num_classes >= 2")
   _require(0.0 <= f.replay < 1.0, 'finetune.replay', f'must be in [0, 1), got {f.replay}')
-  _require(f.replay == 0.0 or f.task in ('lm', 'sft'), 'finetune.replay',
+  _require(f.replay == 0.0 or f.task in ('lm', 'sft', 'chat'), 'finetune.replay',
            f"replay mixes next-token rows into the batch; task {f.task!r} has none")
   _require(f.probe_bootstrap >= 100, 'finetune.probe_bootstrap', 'must be >= 100')
   return cfg

@@ -33,7 +33,7 @@ import numpy as np
 from lm import data
 from lm.config import ConfigError
 
-REPLAY_TASKS = ('lm', 'sft')  # Classification batches hold no next-token rows to mix with.
+REPLAY_TASKS = ('lm', 'sft', 'chat')  # Classification batches hold no next-token rows to mix.
 
 
 def replay_rows(batch_size: int, share: float) -> tuple[int, int]:
@@ -68,7 +68,7 @@ def check(cfg: ml_collections.ConfigDict, task: str, process_count: int) -> tupl
                       f'source must be in [0, 1), got {share}')
   if task not in REPLAY_TASKS:
     raise ConfigError(f"config key finetune.replay: replay mixes next-token rows into the batch; "
-                      f"task {task!r} has none (use it with task 'lm' or 'sft')")
+                      f"task {task!r} has none (use it with task 'lm', 'sft' or 'chat')")
   domain, replay = replay_rows(cfg.data.batch_size, share)
   shards = cfg.data.shard_count or process_count
   for name, rows in (('domain', domain), ('replay', replay)):

@@ -128,7 +128,8 @@ _MODULE_NAMES = {
                'source_key',
     'split': 'split_rank',
     'stats': 'DataError DataStats SPLITS',
-    'tokenize': 'TokenizeRecord concat_docs decode_prepared encode_prepared tokenize_records',
+    'tokenize': 'TokenizeRecord concat_docs decode_prepared encode_prepared task_template '
+                'tokenize_records',
 }
 _EXPORTS = {name: module for module, names in _MODULE_NAMES.items() for name in names.split()}
 

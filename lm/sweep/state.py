@@ -136,7 +136,8 @@ def train_tokens(trial: Trial) -> int:
                     trial.cfg.data.train_fraction, trial.cfg.data.validation_share], default=str)
   if key not in _TOKENS_CACHE:
     records = data.load_documents(trial.cfg, 'train', task)
-    tokenized = data.tokenize_records(records, tokenizer, task)
+    tokenized = data.tokenize_records(records, tokenizer, task,
+                                      template=data.task_template(trial.cfg, tokenizer, task))
     _TOKENS_CACHE[key] = int(sum(len(tokens) for tokens, _ in tokenized))
   return _TOKENS_CACHE[key]
 
