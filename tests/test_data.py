@@ -11,21 +11,9 @@ from lm import config
 from lm import corpus
 from lm import data
 from lm import tokenizer as tokenizer_lib
+from helpers import make_texts, write_jsonl
 
-WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi '
-         'rho sigma tau upsilon phi chi psi omega').split()
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
-
-
-def make_texts(n, seed=0, min_words=8, max_words=120):
-  rng = np.random.default_rng(seed)
-  return [f'doc {i}: ' + ' '.join(rng.choice(WORDS, rng.integers(min_words, max_words)))
-          for i in range(n)]
-
-
-def write_jsonl(path, rows):
-  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  return str(path)
 
 
 def make_cfg(**data_overrides):
