@@ -291,20 +291,20 @@ class Attention(nn.Module):
     q_BTHD = nn.with_logical_constraint(q_BTHD, ('act_batch', 'act_length', 'act_heads', None))
     k_BTKD = nn.with_logical_constraint(k_BTKD, ('act_batch', 'act_length', 'act_kv_heads', None))
 
-    B, T = x_BTD.shape[:2]
-    q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    if decode:
+    scale = m.attn_scale or Dh ** -0.5
+    q_BTHD = q_BTHD * jnp.asarray(scale, q_BTHD.dtype)
+    if not decode:  # The kernel model.attention names (lm/attention.py).
+      out_BTHD = attention.self_attention(
+          q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, kernel=m.attention,
+          window=m.sliding_window, is_global=is_global, softcap=m.attn_logit_softcap,
+          query_chunk=m.attn_query_chunk)
+    else:
       k_BTKD, v_BTKD, k_segment_BS, k_index_BS, q_index_BT = self._update_cache(
           k_BTKD, v_BTKD, segment_ids_BT)
-    else:
-      k_segment_BS, k_index_BS = segment_ids_BT, q_index_BT
-    window = jnp.where(is_global, 0, m.sliding_window) if m.sliding_window else 0
-    mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
-
-    scale = m.attn_scale or Dh ** -0.5
-    out_BTHD = attention.dot_product_attention(
-        q_BTHD * jnp.asarray(scale, q_BTHD.dtype), k_BTKD, v_BTKD, mask_B1TS,
-        softcap=m.attn_logit_softcap, query_chunk=0 if decode else m.attn_query_chunk)
+      window = jnp.where(is_global, 0, m.sliding_window) if m.sliding_window else 0
+      mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
+      out_BTHD = attention.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TS,
+                                                 softcap=m.attn_logit_softcap)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('act_batch', 'act_length', 'act_heads', None))
     return self._linear('o', (H, Dh), (D,), ('heads', 'head_dim'), ('embed',))(out_BTHD, deterministic)
 
