@@ -459,9 +459,7 @@ class Transformer(nn.Module):
                           init_std=m.init_std, dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), preferred_element_type=jnp.float32,
                           name='lm_head')(hidden_BTD)
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    if m.final_logit_softcap:
-      logits_BTV = m.final_logit_softcap * jnp.tanh(logits_BTV / m.final_logit_softcap)
+    logits_BTV = _softcap_logits(m, logits_BTV.astype(jnp.float32))
     return nn.with_logical_constraint(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
 
   def _class_logits(self, hidden_BTD, segment_ids_BT):
@@ -470,6 +468,28 @@ class Transformer(nn.Module):
     last_B = jnp.maximum(jnp.sum(segment_ids_BT != 0, axis=1) - 1, 0)
     pooled_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
     return ClassHead(m.num_classes, m.init_std, _dtype(m.param_dtype), name='cls_head')(pooled_BD)
+
+
+def _softcap_logits(m: ml_collections.ConfigDict, logits_BTV: Array) -> Array:
+  if m.final_logit_softcap:
+    return m.final_logit_softcap * jnp.tanh(logits_BTV / m.final_logit_softcap)
+  return logits_BTV
+
+
+def logits_from_hidden(m: ml_collections.ConfigDict, params, hidden_BTD: Array) -> Array:
+  """float32 logits of final hidden states: `Transformer._lm_logits` as a pure function of
+  params (lm/loss.py applies it a chunk of positions at a time)."""
+  dtype = _dtype(m.dtype)
+  h_BTD = hidden_BTD.astype(dtype)
+  if m.tie_embeddings:
+    logits_BTV = jnp.einsum('btd,vd->btv', h_BTD, nn.meta.unbox(params['embed']['embedding']).astype(dtype),
+                            preferred_element_type=jnp.float32)
+  else:
+    B, T, D = h_BTD.shape
+    kernel_DV = nn.meta.unbox(params['lm_head']['kernel']).astype(dtype)
+    logits_BTV = jnp.matmul(h_BTD.reshape(B * T, D), kernel_DV,
+                            preferred_element_type=jnp.float32).reshape(B, T, -1)
+  return _softcap_logits(m, logits_BTV.astype(jnp.float32))
 
 
 def build_model(cfg: ml_collections.ConfigDict, finetune: ml_collections.ConfigDict | None = None,
