@@ -141,7 +141,8 @@ def self_attention(q_BTHD: Array, k_BTKD: Array, v_BTKD: Array, segment_ids_BT: 
   """
   kernel = resolve_kernel(kernel)
   if kernel == 'cudnn':
-    reason = cudnn_unsupported(q_BTHD, softcap)
+    reason = cudnn_unsupported(q_BTHD, softcap) or (
+        '' if jax.default_backend() == 'gpu' else f'no GPU ({jax.default_backend()} backend)')
     if reason:
       _warn_once('cudnn', f'model.attention=cudnn: {reason}; using the xla kernel instead')
       kernel = 'xla'

@@ -186,6 +186,7 @@ def train_config() -> ConfigDict:
   c.debug_nan_steps = ()  # Fault injection (tests): steps whose loss and gradients become NaN.
   c.sample_prompts = ('def ', 'The ', 'import ')
   c.sample_tokens = 48
+  c.blocking_loop = False  # Wait for each step and read its metrics before the next (the old loop; for comparisons).
   c.stop_check_every = 10  # Several processes agree on a SIGTERM stop every this many steps (1 = every step, slower).
   c.peak_flops = 0.0  # Per-device peak FLOP/s for MFU; 0 = measure (CPU) or look up.
   return c

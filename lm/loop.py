@@ -425,7 +425,8 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   # next batch is fetched and transferred while a step runs. Host decisions (checkpoint, eval,
   # stop) need no device value, so they are made when a step is dispatched; the NaN policy reads
   # the loss, so it acts one step late (a non-finite step is skipped on device regardless).
-  wait_each_step = _cpu_collectives_need_blocking()
+  blocking = cfg.train.blocking_loop
+  wait_each_step = blocking or _cpu_collectives_need_blocking()
   compiled = None
   pending = None  # (step, metrics on device) dispatched but not yet read.
   next_batch = None
@@ -450,16 +451,21 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
       if pending is not None:  # The previous step is done (or nearly): read it now.
         nan_guard.record(*pending, progress, writer)
       pending = (step, step_metrics)
+      if blocking:  # The old loop (train.blocking_loop): read each step as soon as it is done.
+        nan_guard.record(*pending, progress, writer)
+        pending = None
       stop_now = stop.should_stop(step)
       evaluate_now = bool(cfg.train.eval_every) and (
           step % cfg.train.eval_every == 0 or step == total_steps)
       save_now = step % cfg.train.checkpoint_every == 0 or step == total_steps or stop_now
       if not (stop_now or evaluate_now or save_now):
         # The iterator's position is saved with a checkpoint: take the next batch only after it.
-        next_batch = _next_batch(run, train_iterator, step)
+        if not blocking:
+          next_batch = _next_batch(run, train_iterator, step)
         continue
-      nan_guard.record(*pending, progress, writer)
-      pending = None
+      if pending is not None:
+        nan_guard.record(*pending, progress, writer)
+        pending = None
       if evaluate_now:
         try:
           last_eval = evaluate(run, eval_fn, state.params)

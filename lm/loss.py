@@ -50,6 +50,11 @@ def chunk_size(seq_len: int, logits_chunk: int) -> int:
 def lm_loss(m: ml_collections.ConfigDict, params, hidden_BTD: Array, targets_BT: Array,
             weights_BT: Array, z_loss: float = 0.0) -> tuple[Array, Array, Array]:
   """(nll_sum, z_sum, correct) over all positions, `model.logits_chunk` positions at a time."""
+  with jax.named_scope('logits_loss'):  # Named for lm.op_profile.
+    return _lm_loss(m, params, hidden_BTD, targets_BT, weights_BT, z_loss)
+
+
+def _lm_loss(m, params, hidden_BTD, targets_BT, weights_BT, z_loss):
   B, T, D = hidden_BTD.shape
   chunk = chunk_size(T, m.logits_chunk)
 

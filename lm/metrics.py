@@ -150,7 +150,7 @@ class Progress:
     self._tokens += tokens
 
   def throughput(self, step: int) -> dict:
-    """Tokens/s and MFU since the last call, and the ETA at that rate."""
+    """Tokens/s, MFU and mean step time since the last call, and the ETA at that rate."""
     now = time.perf_counter()
     elapsed = max(now - self._mark_time, 1e-9)
     steps = max(step - self._mark_step, 1)
@@ -158,7 +158,8 @@ class Progress:
     eta = (self.total_steps - step) * elapsed / steps
     self._mark_step, self._mark_time, self._tokens = step, now, 0
     mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else 0.0
-    return {'tokens_per_s': tokens_per_s, 'mfu': mfu, 'eta_s': eta}
+    return {'tokens_per_s': tokens_per_s, 'mfu': mfu, 'eta_s': eta,
+            'step_ms': 1e3 * elapsed / steps}
 
   def line(self, step: int, metrics: dict) -> str:
     parts = [f'step {step:>6d}/{self.total_steps}', f"loss {metrics['loss']:.4f}",
