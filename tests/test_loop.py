@@ -6,7 +6,6 @@ process wait for each step: their collectives can deadlock otherwise, see loop.p
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from test_train import ROOT, TINY_OVERRIDES, cli_args, final_params, losses
+from lm import tokenizer as tokenizer_lib
+from test_train import ROOT, TINY_OVERRIDES, cli_args, final_params, losses, tiny_config
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
              'train.eval_every': 8}
@@ -80,7 +80,7 @@ def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
     np.testing.assert_array_equal(final_params(workdir)[path], value, err_msg=path)
 
 
-def test_processes_agree_on_the_stop_step_when_one_gets_sigterm(runs, tmp_path):
+def test_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path):
   """SIGTERM to process 1 only: both stop at the next multiple of train.stop_check_every,
   save that step together and exit 0."""
   import socket
@@ -89,9 +89,9 @@ def test_processes_agree_on_the_stop_step_when_one_gets_sigterm(runs, tmp_path):
     port = s.getsockname()[1]
   workdir = tmp_path / 'two'
   workdir.mkdir()  # With the tokenizer already trained: the processes must not both train it.
-  shutil.copy(runs[0] / 'in_flight' / 'tokenizer.model', workdir / 'tokenizer.model')
+  tokenizer_lib.load_or_train(tiny_config(**OVERRIDES), workdir)
   overrides = {'train.steps': 40, 'train.stop_check_every': 4, 'train.checkpoint_every': 100,
-               'train.eval_every': 0, 'mesh.data': 1, 'data.shard_count': 2}
+               'train.eval_every': 0, 'mesh.data': -1, 'mesh.fsdp': 1, 'data.shard_count': 2}
   cmd = command(workdir, **overrides) + [f'--coordinator=127.0.0.1:{port}', '--num_processes=2']
   log1 = open(tmp_path / 'process1.log', 'w')
   p1 = subprocess.Popen(cmd + ['--process_id=1'], stdout=log1, stderr=subprocess.STDOUT,
