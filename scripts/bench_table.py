@@ -25,9 +25,9 @@ def rows(out_dir: str) -> list[str]:
       r = json.load(f)
     tokens = r['tokens_per_step']
     lines.append(f"| {name} | {r['attention']} | {r['remat']} | {tokens:,} | {r['step_ms']:.1f} ms "
-                 f"| {r['tokens_per_s']:,} | {r['model_tflops']:.1f} | {100 * r['mfu']:.1f}% "
+                 f"| {r['tokens_per_s']:,} | {r['model_tflops']:.3g} | {100 * r['mfu']:.1f}% "
                  f"| {100 * r['hfu']:.1f}% |")
-    peak = f"peak {r['peak_tflops']:.0f} TFLOP/s ({r['peak_source']})"
+    peak = f"peak {r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})"
   return lines + ([peak] if peak else [])
 
 
