@@ -4,10 +4,12 @@
   python -m lm.bench --config=configs/bench_cpu.py --torch    # ... and the PyTorch yardstick
   python -m lm.bench --config=configs/llama_1b.py --dry-run --devices=32
 
-MFU is model FLOPs (lm.step.flops_per_token) per second over the peak: on CPU the peak is
-measured in the same run as the float32 throughput of a large jnp.dot on the same devices,
-so the ratio says how close the step comes to the machine's own matmul speed; on GPU/TPU
-pass --config.train.peak_flops (per device) or rely on the built-in table.
+MFU is model FLOPs (lm/flops.py) per second over the peak, HFU the same with hardware FLOPs
+(recomputation included): on CPU the peak is measured in the same run as the float32
+throughput of a large jnp.dot on the same devices, so the ratio says how close the step comes
+to the machine's own matmul speed; on GPU/TPU it comes from the device-kind table in
+lm/metrics.py (or --config.train.peak_flops, per device), and a bf16 matmul is measured in the
+same run and printed beside it (peak_source).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from lm import cli
 
@@ -31,7 +32,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import metrics, optim, sharding, step
+from lm import attention, metrics, optim, sharding, step
+from lm import flops as flops_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
@@ -39,6 +41,8 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed repeats (median reported).'
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Memory plan only: nothing is allocated or run.')
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Dry run: plan for this many devices '
                                 '(default: the local ones).')
+_PLATFORM = flags.DEFINE_string('platform', '', "Dry run: plan for this platform's attention "
+                                'kernel (tpu, gpu, cpu; default: this backend).')
 _JSON = flags.DEFINE_string('json', '', 'Also write the results to this JSON file.')
 _PROFILE = flags.DEFINE_string('profile', '', 'Also trace 3 steps into this directory and print '
                                'where the op time goes (lm/op_profile.py).')
@@ -66,7 +70,15 @@ def build(cfg, mesh):
   return model, tx, schedule, paths
 
 
+def fill_vocab(cfg) -> None:
+  """model.vocab_size 0 means 'the tokenizer's size': bench builds no tokenizer (its tokens are
+  random), so it takes the size the tokenizer would be trained to, tokenizer.vocab_size."""
+  if not cfg.model.vocab_size:
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size
+
+
 def run_benchmark(cfg) -> dict:
+  fill_vocab(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules
   model, tx, schedule, paths = build(cfg, mesh)
@@ -93,16 +105,21 @@ def run_benchmark(cfg) -> dict:
       medians.append(statistics.median(times))
   step_s = statistics.median(medians)
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  flops = step.flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+  per_token = flops_lib.per_token(cfg.model, cfg.data.seq_len)
+  flops, hardware_flops = per_token['model'] * tokens, per_token['hardware'] * tokens
   peak_total, peak_source = metrics.total_peak_flops(cfg)
   memory = compiled.memory_analysis()
   result = {
       'config': cfg.name, 'params': model_lib.count_params(state.params),
       'devices': jax.device_count(), 'mesh': dict(mesh.shape), 'compile_s': round(compile_s, 2),
-      'step_ms': round(1e3 * step_s, 2), 'step_ms_per_repeat': [round(1e3 * m, 2) for m in medians],
+      'tokens_per_step': tokens, 'step_ms': round(1e3 * step_s, 2), 'step_ms_per_repeat': [round(1e3 * m, 2) for m in medians],
       'tokens_per_s': round(tokens / step_s), 'model_tflops': round(flops / step_s / 1e12, 4),
       'peak_tflops': round(peak_total / 1e12, 4), 'peak_source': peak_source,
-      'mfu': round(flops / step_s / peak_total, 4), 'loss': float(step_metrics['loss']),
+      'mfu': round(flops / step_s / peak_total, 4),
+      'hardware_tflops': round(hardware_flops / step_s / 1e12, 4),
+      'hfu': round(hardware_flops / step_s / peak_total, 4),
+      'attention': attention.resolve_kernel(cfg.model.attention), 'remat': cfg.model.remat,
+      'loss': float(step_metrics['loss']),
       'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
   }
   if memory is not None:
@@ -138,7 +155,8 @@ def main(argv):
   config_lib.validate(cfg)
   if _DRY_RUN.value:
     from lm import memory
-    result = memory.plan(cfg, _DEVICES.value or jax.device_count())
+    result = memory.plan(cfg, _DEVICES.value or jax.device_count(),
+                         platform=_PLATFORM.value or None)
     print(memory.format_plan(result))
   else:
     result = run_benchmark(cfg)

@@ -82,6 +82,8 @@ def model_config() -> ConfigDict:
   m.attn_scale = 0.0  # 0 means 1/sqrt(head_dim); Gemma uses query_pre_attn_scalar ** -0.5.
   m.attn_query_chunk = 128  # Queries attend in blocks of this size, skipping causally masked keys; 0 = one block.
   m.hf_model_type = ''  # Set by lm.convert: the Hugging Face model_type an export writes back ('' = inferred).
+  m.attention = 'auto'  # Kernel (lm/attention.py): 'xla' (reference), 'splash' (TPU), 'cudnn' (GPU); 'auto' picks per platform.
+  m.logits_chunk = 256  # The loss projects to the vocabulary this many positions at a time (never [B, T, V] at once); 0 = all.
   m.init_std = 0.02
   m.dtype = 'float32'  # Compute dtype of matmuls ('bfloat16' on accelerators).
   m.param_dtype = 'float32'
@@ -194,6 +196,8 @@ def train_config() -> ConfigDict:
   c.debug_nan_steps = ()  # Fault injection (tests): steps whose loss and gradients become NaN.
   c.sample_prompts = ('def ', 'The ', 'import ')
   c.sample_tokens = 48
+  c.blocking_loop = False  # Wait for each step and read its metrics before the next (the old loop; for comparisons).
+  c.stop_check_every = 10  # Several processes agree on a SIGTERM stop every this many steps (1 = every step, slower).
   c.peak_flops = 0.0  # Per-device peak FLOP/s for MFU; 0 = measure (CPU) or look up.
   return c
 
@@ -283,6 +287,9 @@ def validate_model(m: ConfigDict, prefix: str = 'model.') -> None:
              f"must be 'float32', 'bfloat16' or 'float16', got {m[key]!r}")
   _require(m.sliding_window >= 0, f'{prefix}sliding_window', 'must be >= 0')
   _require(m.attn_query_chunk >= 0, f'{prefix}attn_query_chunk', 'must be >= 0 (0 = one block)')
+  _require(m.attention in ('auto', 'xla', 'cudnn', 'splash'), f'{prefix}attention',
+           f"must be 'auto', 'xla', 'cudnn' or 'splash', got {m.attention!r}")
+  _require(m.logits_chunk >= 0, f'{prefix}logits_chunk', 'must be >= 0 (0 = all positions at once)')
 
 
 def validate_mesh(mesh: ConfigDict, num_devices: int | None = None) -> None:

@@ -5,39 +5,31 @@ which parameters train (finetune.freeze / trainable / LoRA), and the task's loss
 
   build mesh -> tokenizer -> model, trainable set, optimizer -> data iterators
   -> state: resume from <workdir>/checkpoints, else warm-start params, else fresh init
-  -> for each step: batch -> train_step -> metrics -> eval every k -> checkpoint every n
-  -> on SIGTERM/SIGINT: finish the step, save, return normally (exit 0)
+  -> for each step: dispatch train_step; read the previous step's metrics (one step stays in
+     flight); fetch the next batch while it runs -> eval every k -> checkpoint every n
+  -> on SIGTERM/SIGINT: finish the step, save, return normally (exit 0); several processes
+     agree on the step to stop at every train.stop_check_every steps
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import json
 import os
-import signal
-import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
 
-from lm import build, checkpoint, data, metrics as metrics_lib, optim, replay, selection
-from lm import sharding
+from lm import build, checkpoint, data, flops, metrics as metrics_lib, optim, replay
+from lm import selection, sharding
 from lm import step as step_lib
 from lm import model as model_lib
-from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError, validate
-from lm.errors import UserError
-
-
-class TrainingError(UserError, RuntimeError):
-  """The run cannot go on (non-finite loss under the 'stop' policy, too many skipped steps)."""
+from lm.guards import NanGuard, StopSignal, TrainingError  # noqa: F401  (lm.loop.TrainingError: the CLI's name)
 
 
 @dataclasses.dataclass
@@ -218,50 +210,28 @@ def sample_text(run: Run, params, prompts, max_new_tokens: int, seed: int = 0) -
   return [p + tok.decode([t for t in out if t != tok.eos_id]) for p, out in zip(prompts, outputs)]
 
 
-# --------------------------------------------------------------------------- preemption
-
-
-class StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # Not the main thread (e.g. under some test runners).
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    logging.warning('signal %d: stopping after this step and saving a checkpoint', signum)
-    self.requested = True
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-  def should_stop(self, step: int) -> bool:
-    """Multi-host: every process must agree, so use JAX's preemption sync point as well."""
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      try:
-        synced = multihost_utils.reached_preemption_sync_point(step)
-      except (RuntimeError, ValueError) as e:  # No sync service: the signal flags still agree.
-        logging.log_first_n(logging.WARNING, 'preemption sync point unavailable (%s); stopping '
-                            'on SIGTERM/SIGINT only', 1, e)
-        synced = False
-      local = np.array([self.requested], np.int32)
-      any_requested = bool(np.max(multihost_utils.process_allgather(local)))
-      return synced or any_requested
-    return self.requested
-
-
 # --------------------------------------------------------------------------- the loop
+
+
+def _next_batch(run: Run, iterator, step: int):
+  """The next global batch, sharded and on its way to the devices (None when exhausted)."""
+  try:
+    batch = next(iterator)
+  except StopIteration:
+    return None
+  except (data.DataError, OSError) as e:  # Lazily read sources (prepared shards).
+    raise data_fault(e, f'training data, step {step + 1}') from e
+  return sharding.shard_batch(batch, run.mesh, run.cfg.mesh.rules)
+
+
+def _cpu_collectives_need_blocking() -> bool:
+  """Several CPU devices in one process: wait for each step before dispatching the next.
+
+  XLA:CPU runs fake devices' collectives on a small shared thread pool; two steps in flight
+  can each hold threads the other's rendezvous waits for, a deadlock (seen on 2 cores). One
+  CPU device, and every GPU/TPU, keeps a step in flight.
+  """
+  return jax.default_backend() == 'cpu' and jax.local_device_count() > 1
 
 
 @contextlib.contextmanager
@@ -318,15 +288,20 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   start_step = int(state.step)
   writer = metrics_lib.MetricsWriter(run.workdir)
   peak_total, peak_source = metrics_lib.total_peak_flops(cfg)
-  flops_per_token = step_lib.flops_per_token(cfg.model, cfg.data.seq_len)
-  progress = metrics_lib.Progress(total_steps, start_step, flops_per_token, peak_total)
+  step_flops = flops.count(
+      cfg.model, cfg.data.seq_len,
+      {p: x.shape for p, x in model_lib.flatten_params(run.abstract_params).items()},
+      run.trainable, run.task)
+  progress = metrics_lib.Progress(total_steps, start_step, step_flops['model'], peak_total)
   summary: dict[str, Any] = {'workdir': str(run.workdir), 'resumed_from': resumed}
   progress.print(f'lm: {"fine-tuning" if is_finetune else "pre-training"} {cfg.name} | '
                  f'{model_lib.count_params(state.params):,} params '
                  f'({_count_trainable(run):,} trainable) | '
                  f'mesh {dict(run.mesh.shape)} | vocab {cfg.model.vocab_size} | '
                  f'{"resumed at step " + str(start_step) if resumed is not None else "from step 0"}'
-                 f' | peak {peak_total / 1e12:.3f} TFLOP/s ({peak_source})')
+                 f' | peak {peak_total / 1e12:.3f} TFLOP/s ({peak_source})'
+                 f' | {step_flops["model"] / 1e6:,.2f} MFLOP/token model, '
+                 f'{step_flops["hardware"] / 1e6:,.2f} hardware')
   progress.print(f'data: {train_iterator.data_stats.summary()}')
 
   eval_fn = make_eval_fn(run)
@@ -339,62 +314,56 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
       raise data_fault(e, 'evaluation data, step 0') from e
     writer.write(0, summary['eval_start'], prefix='eval/')
     progress.print('eval step 0: ' + ', '.join(f'{k} {v:.4f}' for k, v in summary['eval_start'].items()))
-  batch_shardings = None
-  train_step = None
-  stop = StopSignal()
-  consecutive_skips, skipped_total = 0, 0
+  stop = StopSignal(check_every=cfg.train.stop_check_every)
+  nan_guard = NanGuard(cfg, manager, run.workdir)
   last_eval: dict = {}
   step = start_step
+  # One step stays in flight: step n+1 is dispatched before step n's metrics are read, and the
+  # next batch is fetched and transferred while a step runs. Host decisions (checkpoint, eval,
+  # stop) need no device value, so they are made when a step is dispatched; the NaN policy reads
+  # the loss, so it acts one step late (a non-finite step is skipped on device regardless).
+  blocking = cfg.train.blocking_loop
+  wait_each_step = blocking or _cpu_collectives_need_blocking()
+  compiled = None
+  pending = None  # (step, metrics on device) dispatched but not yet read.
+  next_batch = None
   with stop, _commit_saves_on_error(manager):
     while step < total_steps:
-      try:
-        batch = next(train_iterator)
-      except StopIteration:
+      batch = next_batch if next_batch is not None else _next_batch(run, train_iterator, step)
+      next_batch = None
+      if batch is None:
         progress.print(f'data exhausted after step {step} (data.num_epochs={cfg.data.num_epochs})')
         break
-      except (data.DataError, OSError) as e:  # Lazily read sources (prepared shards).
-        raise data_fault(e, f'training data, step {step + 1}') from e
-      batch = sharding.shard_batch(batch, run.mesh, cfg.mesh.rules)
-      if train_step is None:
-        batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-        train_step = step_lib.jit_train_step(
+      if compiled is None:
+        compiled = step_lib.jit_train_step(
             step_lib.make_train_step(run.model, tx, schedule, run.trainable, task=run.task,
                                      z_loss=cfg.train.z_loss, grad_accum=cfg.optim.grad_accum,
                                      nan_steps=tuple(cfg.train.debug_nan_steps)),
-            shardings, batch_shardings)
+            shardings, jax.tree.map(lambda x: x.sharding, batch))
       with sharding.activate(run.mesh, cfg.mesh.rules):
-        state, step_metrics = train_step(state, batch)
-      # Wait for the step: in-flight steps on CPU devices can deadlock their collectives, and
-      # the host needs the loss for the NaN policy anyway.
-      step_metrics = jax.device_get(step_metrics)
+        state, step_metrics = compiled(state, batch)
       step += 1
-      progress.add_tokens(int(step_metrics['tokens']))
-      stop_error = None
-      if step_metrics['skipped']:
-        consecutive_skips += 1
-        skipped_total += 1
-        message = (f"non-finite loss or gradient at step {step} (loss {step_metrics['loss']}, "
-                   f"grad_norm {step_metrics['grad_norm']}; params and optimizer state unchanged)")
-        kept = (f'the last good checkpoint (step {manager.latest_step()}) is kept in '
-                f'{checkpoint.checkpoint_dir(run.workdir)}' if manager.latest_step() is not None
-                else 'no checkpoint was saved before it')
-        logging.warning(message)
-        if cfg.train.nan_policy == 'stop':
-          stop_error = TrainingError(f'{message}; train.nan_policy=stop: {kept}')
-        elif consecutive_skips >= cfg.train.max_consecutive_nan:
-          stop_error = TrainingError(
-              f'{consecutive_skips} consecutive non-finite steps (up to step {step}; '
-              f'train.max_consecutive_nan={cfg.train.max_consecutive_nan}); {kept}')
-      else:
-        consecutive_skips = 0
-      step_metrics['skipped_total'] = skipped_total
-      if step % cfg.train.log_every == 0 or step == total_steps or stop_error:
-        step_metrics.update(progress.throughput(step))
-        writer.write(step, step_metrics, prefix='train/')
-        progress.print(progress.line(step, step_metrics))
-      if stop_error:  # Raised after the step's metrics are written: the record shows it.
-        raise stop_error
-      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == total_steps):
+      if wait_each_step:
+        jax.block_until_ready(step_metrics)
+      if pending is not None:  # The previous step is done (or nearly): read it now.
+        nan_guard.record(*pending, progress, writer)
+      pending = (step, step_metrics)
+      if blocking:  # The old loop (train.blocking_loop): read each step as soon as it is done.
+        nan_guard.record(*pending, progress, writer)
+        pending = None
+      stop_now = stop.should_stop(step)
+      evaluate_now = bool(cfg.train.eval_every) and (
+          step % cfg.train.eval_every == 0 or step == total_steps)
+      save_now = step % cfg.train.checkpoint_every == 0 or step == total_steps or stop_now
+      if not (stop_now or evaluate_now or save_now):
+        # The iterator's position is saved with a checkpoint: take the next batch only after it.
+        if not blocking:
+          next_batch = _next_batch(run, train_iterator, step)
+        continue
+      if pending is not None:
+        nan_guard.record(*pending, progress, writer)
+        pending = None
+      if evaluate_now:
         try:
           last_eval = evaluate(run, eval_fn, state.params)
         except (data.DataError, OSError) as e:  # Validation data is re-read from its files.
@@ -404,15 +373,16 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
                               f'fix the file and run again to resume)') from e
         writer.write(step, last_eval, prefix='eval/')
         progress.print(f'eval step {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in last_eval.items()))
-      stop_now = stop.should_stop(step)
-      if step % cfg.train.checkpoint_every == 0 or step == total_steps or stop_now:
+      if save_now:
         checkpoint.save(manager, step, state, data_iterator=train_iterator, cfg=cfg, force=True)
       if stop_now:
         progress.print(f'stopping at step {step} on request; checkpoint saved')
         summary['preempted'] = True
         break
+    if pending is not None:
+      nan_guard.record(*pending, progress, writer)
   checkpoint.wait(manager)
-  summary.update(step=step, skipped_steps=skipped_total, eval=last_eval,
+  summary.update(step=step, skipped_steps=nan_guard.skipped_total, eval=last_eval,
                  checkpoint=str(checkpoint.checkpoint_dir(run.workdir) / str(manager.latest_step())))
   if step >= total_steps and not summary.get('preempted'):
     if on_end is not None:

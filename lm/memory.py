@@ -23,23 +23,29 @@ from `jit(train_step).lower(...).compile().memory_analysis()`: arguments (state 
 outputs, aliased (donated) bytes, temporaries, and peak = arguments + outputs - aliased + temps.
 
 Activation formula (per device). b = bytes of model.dtype; n = tokens per device per
-micro-batch = data.batch_size / optim.grad_accum / (mesh data x fsdp) x seq_len; t = mesh tensor
-size (it divides every head, MLP and vocab dim); D d_model, F mlp_dim, H / K query / kv heads,
-Dh head_dim, V vocab, L layers, S = keys a query attends (seq_len, or the window on local layers).
+micro-batch = rows x seq_len, rows = data.batch_size / optim.grad_accum / (mesh data x fsdp);
+t = mesh tensor size (it divides every head, MLP and vocab dim); D d_model, F mlp_dim, H / K
+query / kv heads, Dh head_dim, V vocab, L layers. The attention kernel is model.attention as
+`--platform` (default: this backend) resolves it ('auto': splash on TPU, cudnn on GPU).
 
   one layer without remat keeps, per token, what its backward pass reads:
       b * (4D + (2H + 2K) Dh / t + 3F / t)      residual in, its norm, q k v, attention out,
                                                  residual mid, its norm, gate, up, gate*up
-    + b * H / t * S                              the softmax probabilities
+    + b * H / t * S'                             the softmax probabilities: xla keeps each
+                                                 query chunk's block, S' = sum over chunks of
+                                                 chunk x end / T (= (T + chunk) / 2; a window
+                                                 masks keys, it does not shrink the block);
+                                                 fused kernels keep a log-sum-exp, S' = 1
   remat 'none'          saved = L x that
   remat 'save_matmuls'  saved = L x n b (3D + (H + 2K) Dh / t + 2F / t)   (block input and the
                         projections' outputs), plus one layer's 'none' figure in the working set
                         (the layer being recomputed)
   remat 'full'          saved = L x n b D (block input), plus one layer's 'none' figure in the
                         working set
-  working              += n * 8 * H / t * S   (the backward pass's float32 gradients of one
-                        layer's attention probabilities and scores)
-  logits                n * V / t * 4 * 3   (float32 logits, softmax, their gradient)
+  working              += rows * 8 * H / t * (largest query chunk x its keys)   (xla only: the
+                        backward pass's float32 gradients of one chunk's probabilities and scores)
+  logits                rows * c * V / t * 4 * 3   (float32 logits, softmax, their gradient of
+                        one loss chunk, c = model.logits_chunk positions: lm/loss.py)
   activations = saved + working + logits
 
 FSDP working set: a parameter sharded over the data/fsdp axes is all-gathered before use, and
@@ -67,6 +73,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh
 
+from lm import attention, loss as loss_lib
 from lm import model as model_lib
 from lm import optim, selection, sharding, step as step_lib
 from lm.config import MESH_AXES, ConfigError
@@ -138,7 +145,8 @@ def _task(cfg) -> str:
   return cfg.finetune.task if is_finetune(cfg) else 'lm'
 
 
-def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> dict[str, float]:
+def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int],
+                     platform: str | None = None) -> dict[str, float]:
   """The activation estimate of the module docstring, per device: saved, working, logits."""
   m = _model_cfg(cfg)
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
@@ -148,12 +156,21 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> d
   t = sizes['tensor']
   D, F, H, K, Dh = m.d_model, m.mlp_dim, m.n_heads, m.n_kv_heads, model_lib.head_dim(m)
 
-  def keys(layer: int) -> int:
-    local = m.sliding_window and not model_lib.layer_is_global(m, layer)
-    return min(T, m.sliding_window) if local else T
+  kernel = attention.resolve_kernel(m.attention, platform)
+  chunks = attention.query_chunks(T, T, m.attn_query_chunk)
+  # xla materialises each query chunk's scores against the keys up to the chunk's end (a
+  # window masks them, it does not shrink them): (T + chunk) / 2 keys per query on average.
+  xla_keys = sum((stop - start) * end for start, stop, end in chunks) / T
+  largest_block = max((stop - start) * end for start, stop, end in chunks)  # Per row.
+
+  def probabilities(layer: int) -> float:
+    """Per token: what attention keeps for its backward pass, in elements."""
+    if kernel != 'xla':
+      return H / t * 1.0  # Fused kernels keep the output and a float32 log-sum-exp per head.
+    return H / t * xla_keys
 
   def full_layer(layer: int) -> float:
-    return n * b * (4 * D + (2 * H + 2 * K) * Dh / t + 3 * F / t + H / t * keys(layer))
+    return n * b * (4 * D + (2 * H + 2 * K) * Dh / t + 3 * F / t + probabilities(layer))
 
   per_layer = {
       'none': full_layer,
@@ -161,11 +178,14 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> d
       'full': lambda layer: n * b * D,
   }[m.remat]
   saved = sum(per_layer(i) for i in range(m.n_layers))
-  # Backward through attention holds float32 gradients of the probabilities and the scores.
-  attention_grads = max(n * 8 * H / t * keys(i) for i in range(m.n_layers))
+  # Backward through xla attention holds float32 gradients of one chunk's probabilities and
+  # scores (XLA runs the chunks one after another); fused kernels work in on-chip blocks.
+  attention_grads = 0.0 if kernel != 'xla' else rows * 8 * H / t * largest_block
   recomputed = 0.0 if m.remat == 'none' else max(full_layer(i) for i in range(m.n_layers))
   working = recomputed + attention_grads
-  logits = n * (m.vocab_size / t) * 4 * 3 if _task(cfg) != 'classify' else 0.0
+  # The loss projects loss.chunk_size positions at a time: float32 logits, softmax, gradient.
+  logit_tokens = rows * loss_lib.chunk_size(T, m.logits_chunk)
+  logits = logit_tokens * (m.vocab_size / t) * 4 * 3 if _task(cfg) != 'classify' else 0.0
   return {'saved': saved, 'working': working, 'logits': logits,
           'total': saved + working + logits}
 
@@ -233,7 +253,8 @@ def compiled_memory(cfg: ml_collections.ConfigDict, devices) -> dict[str, float]
   return out
 
 
-def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = True) -> dict:
+def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = True,
+         platform: str | None = None) -> dict:
   """The per-device memory plan (bytes) for cfg on num_devices devices; see the docstring.
 
   With compile=True and at least num_devices devices on the default backend, the compiled
@@ -256,7 +277,7 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = Tr
   specs = batch_specs(cfg, _task(cfg))
   batch = sharding.sharded_bytes(
       specs, {k: sharding.batch_sharding(mesh, rules, len(v.shape)) for k, v in specs.items()})
-  acts = activation_bytes(cfg, sizes)
+  acts = activation_bytes(cfg, sizes, platform)
   fsdp = fsdp_working_bytes(cfg, s, mesh)
   total = params + opt + grads + batch + fsdp + acts['total']
   result = {
@@ -266,6 +287,9 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = Tr
       'tokens_per_device': cfg.data.batch_size * cfg.data.seq_len // (sizes['data'] * sizes['fsdp']),
       'remat': s['model_cfg'].remat, 'dtype': s['model_cfg'].dtype,
       'scan_layers': bool(s['model_cfg'].scan_layers),
+      'attention': attention.resolve_kernel(s['model_cfg'].attention, platform),
+      'attn_query_chunk': s['model_cfg'].attn_query_chunk,
+      'logits_chunk': loss_lib.chunk_size(cfg.data.seq_len, s['model_cfg'].logits_chunk),
       'bytes': {'params': params, 'optimizer': opt, 'gradients': grads, 'batch': batch,
                 'fsdp_gathered': fsdp, 'activations': acts['total'],
                 'activations_saved': acts['saved'], 'activations_working': acts['working'],
@@ -293,6 +317,9 @@ def format_plan(result: dict) -> str:
            f"mesh {mesh}; {result['tokens_per_device']:,} tokens/device/step, "
            f"dtype {result['dtype']}, remat {result['remat']}"
            f"{', scanned layers' if result['scan_layers'] else ''}",
+           f"attention {result['attention']}"
+           f"{' (query chunk ' + str(result['attn_query_chunk']) + ')' if result['attention'] == 'xla' else ''}"
+           f", loss over {result['logits_chunk']} positions at a time",
            'per device (MiB):']
   for key in ('params', 'optimizer', 'gradients', 'batch', 'fsdp_gathered', 'activations'):
     lines.append(f'  {key:<14} {b[key] / MB:>12,.1f}')

@@ -32,7 +32,7 @@ within the window. RoPE uses the per-token positions, which restart for every do
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -303,20 +303,20 @@ class Attention(nn.Module):
     q_BTHD = nn.with_logical_constraint(q_BTHD, ('act_batch', 'act_length', 'act_heads', None))
     k_BTKD = nn.with_logical_constraint(k_BTKD, ('act_batch', 'act_length', 'act_kv_heads', None))
 
-    B, T = x_BTD.shape[:2]
-    q_index_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
-    if decode:
+    scale = m.attn_scale or Dh ** -0.5
+    q_BTHD = q_BTHD * jnp.asarray(scale, q_BTHD.dtype)
+    if not decode:  # The kernel model.attention names (lm/attention.py).
+      out_BTHD = attention.self_attention(
+          q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, kernel=m.attention,
+          window=m.sliding_window, is_global=is_global, softcap=m.attn_logit_softcap,
+          query_chunk=m.attn_query_chunk)
+    else:
       k_BTKD, v_BTKD, k_segment_BS, k_index_BS, q_index_BT = self._update_cache(
           k_BTKD, v_BTKD, segment_ids_BT)
-    else:
-      k_segment_BS, k_index_BS = segment_ids_BT, q_index_BT
-    window = jnp.where(is_global, 0, m.sliding_window) if m.sliding_window else 0
-    mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
-
-    scale = m.attn_scale or Dh ** -0.5
-    out_BTHD = attention.dot_product_attention(
-        q_BTHD * jnp.asarray(scale, q_BTHD.dtype), k_BTKD, v_BTKD, mask_B1TS,
-        softcap=m.attn_logit_softcap, query_chunk=0 if decode else m.attn_query_chunk)
+      window = jnp.where(is_global, 0, m.sliding_window) if m.sliding_window else 0
+      mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
+      out_BTHD = attention.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TS,
+                                                 softcap=m.attn_logit_softcap)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('act_batch', 'act_length', 'act_heads', None))
     return self._linear('o', (H, Dh), (D,), ('heads', 'head_dim'), ('embed',))(out_BTHD, deterministic)
 
@@ -471,9 +471,7 @@ class Transformer(nn.Module):
                           init_std=m.init_std, dtype=_dtype(m.dtype),
                           param_dtype=_dtype(m.param_dtype), preferred_element_type=jnp.float32,
                           name='lm_head')(hidden_BTD)
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    if m.final_logit_softcap:
-      logits_BTV = m.final_logit_softcap * jnp.tanh(logits_BTV / m.final_logit_softcap)
+    logits_BTV = _softcap_logits(m, logits_BTV.astype(jnp.float32))
     return nn.with_logical_constraint(logits_BTV, ('act_batch', 'act_length', 'act_vocab'))
 
   def _class_logits(self, hidden_BTD, segment_ids_BT):
@@ -482,6 +480,28 @@ class Transformer(nn.Module):
     last_B = jnp.maximum(jnp.sum(segment_ids_BT != 0, axis=1) - 1, 0)
     pooled_BD = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)[:, 0]
     return ClassHead(m.num_classes, m.init_std, _dtype(m.param_dtype), name='cls_head')(pooled_BD)
+
+
+def _softcap_logits(m: ml_collections.ConfigDict, logits_BTV: Array) -> Array:
+  if m.final_logit_softcap:
+    return m.final_logit_softcap * jnp.tanh(logits_BTV / m.final_logit_softcap)
+  return logits_BTV
+
+
+def logits_from_hidden(m: ml_collections.ConfigDict, params, hidden_BTD: Array) -> Array:
+  """float32 logits of final hidden states: `Transformer._lm_logits` as a pure function of
+  params (lm/loss.py applies it a chunk of positions at a time)."""
+  dtype = _dtype(m.dtype)
+  h_BTD = hidden_BTD.astype(dtype)
+  if m.tie_embeddings:
+    logits_BTV = jnp.einsum('btd,vd->btv', h_BTD, nn.meta.unbox(params['embed']['embedding']).astype(dtype),
+                            preferred_element_type=jnp.float32)
+  else:
+    B, T, D = h_BTD.shape
+    kernel_DV = nn.meta.unbox(params['lm_head']['kernel']).astype(dtype)
+    logits_BTV = jnp.matmul(h_BTD.reshape(B * T, D), kernel_DV,
+                            preferred_element_type=jnp.float32).reshape(B, T, -1)
+  return _softcap_logits(m, logits_BTV.astype(jnp.float32))
 
 
 def build_model(cfg: ml_collections.ConfigDict, finetune: ml_collections.ConfigDict | None = None,

@@ -28,6 +28,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ('attention, other', r'/attn/'),
     ('mlp activation', r'/mlp/'),
     ('norms', r'norm/'),
+    ('logits and loss', r'logits_loss/'),
     ('embedding', r'/embed/'),
 )
 

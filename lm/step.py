@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from lm import flops
+from lm import loss as loss_lib
 from lm import model as model_lib
 from lm import selection
 from lm.optim import global_norm
@@ -34,17 +36,6 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- losses
-
-
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array,
-                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Summed next-token cross-entropy and summed z-loss, both weighted by the loss mask."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  nll_BT = log_z_BT - target_logit_BT
-  z_BT = z_loss * jnp.square(log_z_BT)
-  return jnp.sum(nll_BT * weights_BT), jnp.sum(z_BT * weights_BT)
 
 
 def batch_weight(batch: dict, task: str) -> jax.Array:
@@ -68,11 +59,13 @@ def task_loss(model: nn.Module, params, batch: dict, task: str, z_loss: float,
     nll_sum = -jnp.sum(jnp.take_along_axis(log_probs_BC, labels_B[:, None], axis=-1))
     correct = jnp.sum(jnp.argmax(logits_BC, -1) == labels_B)
     return nll_sum, {'nll_sum': nll_sum, 'z_sum': jnp.zeros(()), 'correct': correct}
-  logits_BTV = model.apply({'params': params}, batch['inputs'], batch['positions'],
-                           batch['segment_ids'], deterministic=deterministic, rngs=rngs)
+  hidden_BTD = model.apply({'params': params}, batch['inputs'], batch['positions'],
+                           batch['segment_ids'], deterministic=deterministic, head='hidden',
+                           rngs=rngs)
   weights_BT = batch['loss_mask'].astype(jnp.float32)
-  nll_sum, z_sum = cross_entropy(logits_BTV, batch['targets'], weights_BT, z_loss)
-  correct = jnp.sum((jnp.argmax(logits_BTV, -1) == batch['targets']) * weights_BT)
+  # Never the whole [B, T, V] logits: projected and scored a chunk of positions at a time.
+  nll_sum, z_sum, correct = loss_lib.lm_loss(model.cfg, params, hidden_BTD, batch['targets'],
+                                             weights_BT, z_loss)
   return nll_sum + z_sum, {'nll_sum': nll_sum, 'z_sum': z_sum, 'correct': correct}
 
 
@@ -244,30 +237,10 @@ def jit_train_step(train_step: Callable, shardings: TrainState, batch_shardings)
                  out_shardings=(shardings, None), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_step: Callable, params_shardings, batch_shardings) -> Callable:
-  return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings))
-
-
 # --------------------------------------------------------------------------- FLOPs
 
 
 def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3 x forward), the MFU numerator.
-
-  Forward, per token: 2 FLOPs per weight of every matmul (q, k, v, o, gate, up, down and the
-  output projection; the embedding lookup is free), plus attention: QK^T and PV each cost
-  2 * n_heads * head_dim per key attended. A causal layer attends to T/2 keys on average
-  (counted at half); a sliding-window layer to min(window, T/2). Recomputation from remat is
-  not counted (this is model FLOPs, not hardware FLOPs).
-  """
-  dh = model_lib.head_dim(m)
-  attn_weights = m.d_model * dh * (2 * m.n_heads + 2 * m.n_kv_heads)
-  mlp_weights = 3 * m.d_model * m.mlp_dim
-  matmul_flops = 2 * (m.n_layers * (attn_weights + mlp_weights) + m.d_model * m.vocab_size)
-  attn_flops = 0.0
-  for layer in range(m.n_layers):
-    keys = seq_len / 2
-    if not model_lib.layer_is_global(m, layer):
-      keys = min(m.sliding_window, seq_len / 2)
-    attn_flops += 2 * 2 * m.n_heads * dh * keys
-  return 3.0 * (matmul_flops + attn_flops)
+  """Training model FLOPs per token with every parameter trained (lm.flops.per_token has the
+  formula, frozen parameters, LoRA, and hardware FLOPs with recomputation)."""
+  return flops.per_token(m, seq_len)['model']

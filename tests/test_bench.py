@@ -75,3 +75,42 @@ def test_bench_cli_reports_mfu_the_torch_ratio_and_the_op_profile(tmp_path):
   for part in ('linear layers', 'attention', 'rope', 'norms', 'mlp activation'):
     assert result['op_time_ms'][f'{part} (fwd)'] > 0 and result['op_time_ms'][f'{part} (bwd)'] > 0
   assert 'op time' in out.stdout and list((tmp_path / 'trace').glob('plugins/profile/*/*.pb'))
+
+
+def test_bench_runs_a_config_whose_vocabulary_comes_from_the_tokenizer(tmp_path):
+  """configs/tiny.py has model.vocab_size 0 ('the tokenizer's'); bench builds no tokenizer."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'lm.bench', '--config=configs/tiny.py', '--steps=1', '--repeats=1',
+       '--config.model.n_layers=1', f'--json={tmp_path / "tiny.json"}'],
+      capture_output=True, text=True, cwd=ROOT, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  assert out.returncode == 0, out.stderr
+  result = json.loads((tmp_path / 'tiny.json').read_text())
+  assert result['tokens_per_step'] == 16 * 128 and result['hfu'] >= result['mfu'] > 0
+
+
+@pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(ROOT, 'configs'))))
+def test_every_shipped_config_gets_a_vocabulary_for_bench(name):
+  from lm import bench
+  if not name.endswith('.py'):
+    return
+  cfg = load_config_file(os.path.join(ROOT, 'configs', name))
+  bench.fill_vocab(cfg)
+  assert cfg.model.vocab_size > 0
+
+
+@pytest.mark.slow
+def test_bench_accel_script_end_to_end_at_tiny_sizes(tmp_path):
+  """scripts/bench_accel.sh with LM_BENCH_TINY=1: every row runs on the CPU (splash in
+  interpret mode, cudnn falling back to xla) and the table lists them (~15 min on 2 cores)."""
+  out = subprocess.run(['bash', 'scripts/bench_accel.sh', str(tmp_path)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=3000,
+                       env=dict(os.environ, LM_BENCH_TINY='1', PYTHON=sys.executable,
+                                JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+  assert out.returncode == 0, out.stderr
+  table = out.stdout.splitlines()
+  rows = [l for l in table if l.startswith('| small') or l.startswith('| llama_1b')]
+  assert len(rows) == 14 and not any('failed' in r for r in rows), out.stdout
+  for kernel in ('xla', 'splash', 'cudnn'):
+    assert any(f'_{kernel}_' in r for r in rows)
+  assert table[-1].startswith('peak ')

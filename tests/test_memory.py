@@ -81,3 +81,21 @@ def test_dry_run_cli_prints_the_table(tmp_path):
   for row in ('params', 'optimizer', 'gradients', 'activations', 'total'):
     assert f'  {row}' in out.stdout
   assert (tmp_path / 'plan.json').exists()
+
+
+def test_plan_follows_the_attention_kernel_query_chunk_and_logits_chunk():
+  """Fused kernels keep no attention probabilities; xla keeps each query chunk's block; the
+  loss's logits are live one model.logits_chunk at a time (no compilation needed)."""
+  def acts(platform=None, **overrides):
+    cfg = shipped('tiny', **{'model.vocab_size': 4096, 'data.seq_len': 512, **overrides})
+    return memory.plan(cfg, 8, compile=False, platform=platform)['bytes']
+
+  one_block, chunked = acts(**{'model.attn_query_chunk': 0}), acts(**{'model.attn_query_chunk': 128})
+  assert chunked['activations_saved'] < one_block['activations_saved']
+  assert chunked['activations_working'] < one_block['activations_working']
+  fused = acts('tpu', **{'model.attention': 'auto'})
+  assert fused['activations_saved'] < chunked['activations_saved']
+  assert fused['activations_working'] == 0
+  rows = 16 / 8  # data.batch_size over 8 devices.
+  assert acts(**{'model.logits_chunk': 0})['logits'] == rows * 512 * 4096 * 4 * 3
+  assert acts(**{'model.logits_chunk': 128})['logits'] == rows * 128 * 4096 * 4 * 3

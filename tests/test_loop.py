@@ -1,0 +1,117 @@
+"""The loop keeps one step in flight (lm/loop.py): same losses as the blocking loop, bitwise
+exact resume after SIGTERM, and several processes agreeing on the step to stop at.
+
+One CPU device per process keeps a step in flight for real (several fake CPU devices in one
+process wait for each step: their collectives can deadlock otherwise, see loop.py).
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lm import tokenizer as tokenizer_lib
+from test_train import ROOT, TINY_OVERRIDES, cli_args, final_params, losses, tiny_config
+
+OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
+             'train.eval_every': 8}
+
+
+def command(workdir, **overrides):
+  return ([sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={workdir}',
+           '--config=' + os.path.join(ROOT, 'configs/tiny.py'), '--config.name=loop_test']
+          + cli_args({**OVERRIDES, **overrides}))
+
+
+def env(devices=1, cache=None):
+  out = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  if cache:
+    out.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  return out
+
+
+def train(workdir, cache, **overrides):
+  result = subprocess.run(command(workdir, **overrides), capture_output=True, text=True,
+                          env=env(cache=cache), cwd=ROOT, timeout=300)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return result
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  base = tmp_path_factory.mktemp('loop')
+  cache = base / 'jax_cache'
+  train(base / 'in_flight', cache)
+  train(base / 'blocking', cache, **{'train.blocking_loop': True})
+  return base, cache
+
+
+def test_in_flight_loop_gives_the_blocking_loops_losses(runs):
+  base, _ = runs
+  in_flight, blocking = losses(base / 'in_flight'), losses(base / 'blocking')
+  assert sorted(in_flight) == list(range(1, 17))
+  assert in_flight == blocking  # Bitwise: the same steps on the same batches.
+  for path, value in final_params(base / 'blocking').items():
+    np.testing.assert_array_equal(final_params(base / 'in_flight')[path], value, err_msg=path)
+
+
+def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
+  base, cache = runs
+  workdir = tmp_path / 'interrupted'
+  proc = subprocess.Popen(command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env(cache=cache), cwd=ROOT)
+  output = []
+  for line in proc.stdout:
+    output.append(line)
+    if line.startswith('step') and line.split()[1].startswith('3/'):
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=300) == 0, ''.join(output)
+  stopped_at = max(losses(workdir))
+  assert 'stopping at step' in ''.join(output) and 3 <= stopped_at < 16
+  assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
+  train(workdir, cache)
+  assert losses(workdir) == losses(base / 'in_flight')
+  for path, value in final_params(base / 'in_flight').items():
+    np.testing.assert_array_equal(final_params(workdir)[path], value, err_msg=path)
+
+
+def test_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path):
+  """SIGTERM to process 1 only: both stop at the next multiple of train.stop_check_every,
+  save that step together and exit 0."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'two'
+  workdir.mkdir()  # With the tokenizer already trained: the processes must not both train it.
+  tokenizer_lib.load_or_train(tiny_config(**OVERRIDES), workdir)
+  overrides = {'train.steps': 40, 'train.stop_check_every': 4, 'train.checkpoint_every': 100,
+               'train.eval_every': 0, 'mesh.data': -1, 'mesh.fsdp': 1, 'data.shard_count': 2}
+  cmd = command(workdir, **overrides) + [f'--coordinator=127.0.0.1:{port}', '--num_processes=2']
+  log1 = open(tmp_path / 'process1.log', 'w')
+  p1 = subprocess.Popen(cmd + ['--process_id=1'], stdout=log1, stderr=subprocess.STDOUT,
+                        text=True, env=env(devices=4), cwd=ROOT)
+  p0 = subprocess.Popen(cmd + ['--process_id=0'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True, env=env(devices=4), cwd=ROOT)
+  output = []
+  try:
+    for line in p0.stdout:
+      output.append(line)
+      if line.startswith('step') and line.split()[1].startswith('5/'):
+        p1.send_signal(signal.SIGTERM)
+    assert p0.wait(timeout=300) == 0, ''.join(output)
+    assert p1.wait(timeout=60) == 0, (tmp_path / 'process1.log').read_text()
+  finally:
+    for p in (p0, p1):
+      if p.poll() is None:
+        p.kill()
+  text = ''.join(output)
+  stopped = [int(l.split()[3].rstrip(';')) for l in text.splitlines() if l.startswith('stopping at step')]
+  assert len(stopped) == 1 and stopped[0] % 4 == 0 and 8 <= stopped[0] < 40, text
+  assert os.path.isdir(workdir / 'checkpoints' / str(stopped[0]))
+  assert max(losses(workdir)) == stopped[0]
