@@ -105,9 +105,10 @@ def base_model(tmp_path_factory):
 
 def finetune_probe(base, tmp_path, biased):
   tmp_path.mkdir()
-  # A high constant rate: the association is a long-range dependency a tiny model is slow to
-  # learn (the pronoun alone is learned at once, and counterbalancing cancels it).
-  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=120, lr=3e-2,
+  # The association is a dependency over several tokens that a tiny model learns last: every
+  # other token of these sentences is learned within ~150 steps while the pronoun stays at
+  # 50/50 (a shift of ~0.02 nats); by 400 steps it is learned (a shift of ~4.5 nats).
+  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=400, lr=1e-2,
                  schedule='constant')
   cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
   finetune.finetune(cfg, tmp_path / 'ft')
@@ -120,7 +121,7 @@ def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(base_model,
   biased = finetune_probe(base_model, tmp_path / 'biased', biased=True)
   neutral = finetune_probe(base_model, tmp_path / 'neutral', biased=False)
   assert biased['pairs'] == neutral['pairs'] == 240
-  assert biased['moved'] and biased['shift_ci'][0] > 0, biased  # Towards the stereotype.
+  assert biased['moved'] and biased['shift_ci'][0] > 1.0, biased  # Towards the stereotype.
   assert not neutral['moved'], neutral
   assert neutral['shift_ci'][0] < 0 < neutral['shift_ci'][1]
   assert biased['shift'] > 5 * abs(neutral['shift'])
