@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm import attention
+from lm import attention, selection
 from lm import model as model_lib
 
 
@@ -63,12 +63,19 @@ def attention_forward(m: ml_collections.ConfigDict, seq_len: int) -> float:
 
 
 def count(m: ml_collections.ConfigDict, seq_len: int, param_shapes: dict[str, tuple],
-          trainable: list[str] | None = None, task: str = 'lm') -> dict[str, float]:
-  """Per-token FLOPs: forward, model (forward + backward), hardware (+ recomputation)."""
+          trainable=None, task: str = 'lm') -> dict[str, float]:
+  """Per-token FLOPs: forward, model (forward + backward), hardware (+ recomputation).
+
+  trainable: a selection (lm.selection: {path: None or the trained layers of a stacked leaf})
+  or a list of whole-leaf paths; None trains everything. A stacked leaf computes weight
+  gradients for its trained layers only.
+  """
   weights = matmul_weights(m, param_shapes, task)
-  trainable = set(param_shapes if trainable is None else trainable)
+  trainable = ({p: None for p in param_shapes} if trainable is None
+               else selection.as_selection(trainable))
   forward_mm = 2.0 * sum(weights.values())
-  weight_grads = 2.0 * sum(n for p, n in weights.items() if p in trainable)
+  weight_grads = 2.0 * sum(selection.selected_size(p, trainable[p], param_shapes[p])
+                           for p in weights if p in trainable)
   attn = attention_forward(m, seq_len)
   forward = forward_mm + attn
   model = forward + forward_mm + weight_grads + 2 * attn
@@ -101,6 +108,6 @@ def param_shapes(m: ml_collections.ConfigDict, seq_len: int,
 
 def per_token(m: ml_collections.ConfigDict, seq_len: int, *,
               finetune: ml_collections.ConfigDict | None = None,
-              trainable: list[str] | None = None, task: str = 'lm') -> dict[str, float]:
+              trainable=None, task: str = 'lm') -> dict[str, float]:
   """`count` for a model config (and fine-tuning config: LoRA adapters, frozen paths)."""
   return count(m, seq_len, param_shapes(m, seq_len, finetune), trainable, task)

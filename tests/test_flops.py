@@ -1,6 +1,9 @@
 """FLOPs per token (lm/flops.py) against hand counts: full training, a frozen embedding, LoRA,
 remat recomputation and chunked logits (hardware FLOPs); the device-kind peak table."""
 
+import jax
+import jax.numpy as jnp
+
 from lm import flops, metrics, optim
 from lm.config import base_config
 
@@ -19,7 +22,9 @@ def tiny():
 
 def count(cfg):
   shapes = flops.param_shapes(cfg.model, T, cfg.finetune if cfg.finetune.lora_rank else None)
-  return flops.count(cfg.model, T, shapes, optim.trainable_paths(list(shapes), cfg.finetune))
+  finetune = cfg.finetune if (cfg.finetune.lora_rank or cfg.finetune.freeze) else None
+  return flops.count(cfg.model, T, shapes, optim.trainable_selection(
+      {p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()}, finetune))
 
 
 def test_full_training_is_three_times_the_forward():
@@ -46,6 +51,19 @@ def test_lora_trains_only_adapters():
   input_grads = 2 * (896 + adapters) + 2 * 160
   weight_grads = 2 * adapters  # Base kernels and the embedding are frozen.
   assert count(cfg)['model'] == forward + input_grads + weight_grads == 4832
+
+
+def test_a_frozen_layer_of_a_scanned_model_counts_like_the_unscanned_one():
+  counts = {}
+  for scan in (False, True):
+    cfg = tiny()
+    cfg.model.update(n_layers=2, scan_layers=scan)
+    cfg.finetune.freeze = ('layers_0/.*',)
+    counts[scan] = count(cfg)['model']
+  # Layer 0's weight gradients (2 x 640 matmul weights) are skipped in both layouts.
+  everything = tiny()
+  everything.model.update(n_layers=2)
+  assert counts[True] == counts[False] == count(everything)['model'] - 2 * 640
 
 
 def test_hardware_flops_count_recomputation():
