@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import config
+from lm import checkpoint, config
+from lm import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +44,11 @@ def tiny_config(**overrides):
 
 def cli_args(overrides: dict) -> list[str]:
   return [f'--config.{k}={v}' for k, v in overrides.items()]
+
+
+def final_params(workdir) -> dict:
+  """{path: host array} of the params in a run's latest checkpoint."""
+  return model_lib.flatten_params(jax.device_get(checkpoint.load_params(workdir)))
 
 
 def losses(workdir) -> dict[int, float]:

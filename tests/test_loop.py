@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lm import tokenizer as tokenizer_lib
-from test_train import ROOT, TINY_OVERRIDES, cli_args, final_params, losses, tiny_config
+from helpers import ROOT, TINY_OVERRIDES, cli_args, final_params, losses, tiny_config
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
              'train.eval_every': 8}

@@ -6,18 +6,12 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from lm import checkpoint, config, loop
-from lm import model as model_lib
-from helpers import (ROOT, TINY_OVERRIDES, cli_args, load_config_file, losses, tiny_config,
-                     train_env)
-
-
-def final_params(workdir):
-  return model_lib.flatten_params(jax.device_get(checkpoint.load_params(workdir)))
+from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, load_config_file, losses,
+                     tiny_config, train_env)
 
 
 @pytest.fixture(scope='module')
