@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from lm import tokenizer as tokenizer_lib
+from lm import data
 from helpers import ROOT, TINY_OVERRIDES, cli_args, final_params, losses, tiny_config
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
@@ -89,7 +89,7 @@ def test_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path):
     port = s.getsockname()[1]
   workdir = tmp_path / 'two'
   workdir.mkdir()  # With the tokenizer already trained: the processes must not both train it.
-  tokenizer_lib.load_or_train(tiny_config(**OVERRIDES), workdir)
+  data.load_or_train_tokenizer(tiny_config(**OVERRIDES), workdir)
   overrides = {'train.steps': 40, 'train.stop_check_every': 4, 'train.checkpoint_every': 100,
                'train.eval_every': 0, 'mesh.data': -1, 'mesh.fsdp': 1, 'data.shard_count': 2}
   cmd = command(workdir, **overrides) + [f'--coordinator=127.0.0.1:{port}', '--num_processes=2']

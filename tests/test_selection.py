@@ -201,7 +201,7 @@ def test_generic_no_decay_defaults_matching_nothing_are_logged_not_fatal(caplog)
   cfg.model = model_cfg(True)
   abstract = nn.meta.unbox(jax.eval_shape(step.init_fn(model_lib.build_model(cfg.model), 12),
                                           jax.random.key(0)))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):  # absl's logger, whatever ran before.
     trainable = optim.trainable_selection(model_lib.flatten_params(abstract), None, cfg.optim)
   assert trainable['layers/mlp/wo/kernel'] is None
   assert ".*bias.*" in caplog.text  # The model has no biases: said, not raised.
