@@ -32,7 +32,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import attention, metrics, optim, sharding, step
+from lm import attention, build, metrics, sharding, step
 from lm import flops as flops_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.')
@@ -60,16 +60,6 @@ def random_batch(cfg, rows: int) -> dict:
               loss_mask=np.ones((rows, T), np.float32))
 
 
-def build(cfg, mesh):
-  model = model_lib.build_model(cfg.model)
-  rules = cfg.mesh.rules
-  abstract, _ = sharding.abstract_and_shardings(step.init_fn(model, cfg.data.seq_len), mesh,
-                                                rules, jax.random.key(0))
-  paths = list(model_lib.flatten_params(abstract))
-  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps, paths)
-  return model, tx, schedule, paths
-
-
 def fill_vocab(cfg) -> None:
   """model.vocab_size 0 means 'the tokenizer's size': bench builds no tokenizer (its tokens are
   random), so it takes the size the tokenizer would be trained to, tokenizer.vocab_size."""
@@ -81,7 +71,8 @@ def run_benchmark(cfg) -> dict:
   fill_vocab(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   rules = cfg.mesh.rules
-  model, tx, schedule, paths = build(cfg, mesh)
+  built = build.build(cfg, mesh, finetune=False)
+  model, tx, schedule, paths = built.model, built.tx, built.schedule, built.trainable
   state, shardings = step.create_train_state(model, tx, paths, mesh, rules, seed=cfg.seed,
                                              seq_len=cfg.data.seq_len)
   batch = sharding.shard_batch(random_batch(cfg, cfg.data.batch_size // jax.process_count()),

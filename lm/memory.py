@@ -66,7 +66,6 @@ import math
 import re
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -75,15 +74,10 @@ from jax.sharding import AbstractMesh
 
 from lm import attention, loss as loss_lib
 from lm import model as model_lib
-from lm import optim, selection, sharding, step as step_lib
+from lm import build, sharding, step as step_lib
 from lm.config import MESH_AXES, ConfigError
 
 MB = 2**20
-
-
-def is_finetune(cfg: ml_collections.ConfigDict) -> bool:
-  f = cfg.finetune
-  return bool(f.restore_from or f.lora_rank or f.freeze or f.trainable)
 
 
 def mesh_sizes(cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -97,38 +91,17 @@ def abstract_mesh(cfg: ml_collections.ConfigDict, num_devices: int) -> AbstractM
   return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
-def _model_cfg(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """cfg.model with vocab_size 0 ('the tokenizer's') read as tokenizer.vocab_size."""
-  m = ml_collections.ConfigDict(cfg.model.to_dict())
-  if not m.vocab_size:
-    m.vocab_size = cfg.tokenizer.vocab_size
-  return m
-
-
 def abstract_state(cfg: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
-  """Shapes and shardings of params, optimizer state and gradients on `mesh` (no allocation)."""
-  m = _model_cfg(cfg)
-  finetune = is_finetune(cfg)
-  model = model_lib.build_model(m, cfg.finetune if finetune else None)
-  init = step_lib.init_fn(model, cfg.data.seq_len, m.num_classes)
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  logical_specs = nn.get_partition_spec(boxed)
-  params_shardings = sharding.logical_to_shardings(logical_specs, mesh, cfg.mesh.rules)
-  params = nn.meta.unbox(boxed)
-  flat, flat_shardings = (model_lib.flatten_params(params),
-                          model_lib.flatten_params(params_shardings))
-  trainable = optim.trainable_selection(flat, cfg.finetune if finetune else None, cfg.optim)
-  tx, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps, trainable)
-  train_flat = selection.take(flat, trainable)
-  train_shardings = {p: flat_shardings[p] for p in trainable}
-  state_shardings = step_lib.state_shardings(params_shardings, tx, train_flat, train_shardings,
-                                             mesh)
-  opt = jax.eval_shape(tx.init, train_flat)
-  return dict(model=model, model_cfg=m, tx=tx, schedule=schedule, trainable=trainable,
-              params=params, params_shardings=params_shardings, logical_specs=logical_specs,
-              opt=opt,
-              state_shardings=state_shardings, train_flat=train_flat,
-              train_shardings=train_shardings)
+  """Shapes and shardings of params, optimizer state and gradients on `mesh` (no allocation):
+  what lm.build builds for the run, as the planner reads it."""
+  built = build.build(cfg, mesh)
+  flat_shardings = model_lib.flatten_params(built.params_shardings)
+  return dict(model=built.model, model_cfg=built.model_cfg, tx=built.tx, schedule=built.schedule,
+              trainable=built.trainable, params=built.abstract_params,
+              params_shardings=built.params_shardings, logical_specs=built.logical_specs,
+              opt=built.abstract_opt_state, state_shardings=built.state_shardings,
+              train_flat=built.trainable_params(built.abstract_params),
+              train_shardings={p: flat_shardings[p] for p in built.trainable})
 
 
 def batch_specs(cfg: ml_collections.ConfigDict, task: str) -> dict[str, jax.ShapeDtypeStruct]:
@@ -142,13 +115,14 @@ def batch_specs(cfg: ml_collections.ConfigDict, task: str) -> dict[str, jax.Shap
 
 
 def _task(cfg) -> str:
-  return cfg.finetune.task if is_finetune(cfg) else 'lm'
+  section = build.finetune_section(cfg)
+  return section.task if section is not None else 'lm'
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int],
                      platform: str | None = None) -> dict[str, float]:
   """The activation estimate of the module docstring, per device: saved, working, logits."""
-  m = _model_cfg(cfg)
+  m = build.model_config(cfg)
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
   rows = cfg.data.batch_size / cfg.optim.grad_accum / (sizes['data'] * sizes['fsdp'])
   T = cfg.data.seq_len
