@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 
 import flax.linen as nn
 import jax
@@ -49,6 +51,20 @@ def cli_args(overrides: dict) -> list[str]:
 def final_params(workdir) -> dict:
   """{path: host array} of the params in a run's latest checkpoint."""
   return model_lib.flatten_params(jax.device_get(checkpoint.load_params(workdir)))
+
+
+def sigterm_at_step(cmd, step: int, env, timeout: int = 300) -> str:
+  """Runs `cmd` (a train.py command), sends SIGTERM once it prints step `step`'s progress
+  line, checks it then exits 0 (saved and stopped), and returns everything it printed."""
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=ROOT)
+  output = []
+  for line in proc.stdout:
+    output.append(line)
+    if line.startswith('step') and line.split()[1].startswith(f'{step}/'):
+      proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=timeout) == 0, ''.join(output)
+  return ''.join(output)
 
 
 def losses(workdir) -> dict[int, float]:
@@ -103,6 +119,15 @@ def host_params(model, T=16, seed=0):
 
 WORDS = ('alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi '
          'rho sigma tau upsilon phi chi psi omega').split()
+
+
+def data_cfg(**data_overrides):
+  """The base config with small data settings (T 32, 4 rows, no prefetch) and data.* overrides."""
+  cfg = config.base_config()
+  cfg.data.seq_len, cfg.data.batch_size, cfg.data.prefetch_batches = 32, 4, 0
+  for key, value in data_overrides.items():
+    cfg.data[key] = value
+  return cfg
 
 
 def make_texts(n, seed=0, min_words=8, max_words=120):

@@ -11,19 +11,9 @@ from lm import config
 from lm import corpus
 from lm import data
 from lm import tokenizer as tokenizer_lib
-from helpers import make_texts, write_jsonl
+from helpers import data_cfg, make_texts, write_jsonl
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
-
-
-def make_cfg(**data_overrides):
-  cfg = config.base_config()
-  cfg.data.seq_len = 32
-  cfg.data.batch_size = 4
-  cfg.data.prefetch_batches = 0
-  for key, value in data_overrides.items():
-    cfg.data[key] = value
-  return cfg
 
 
 @pytest.fixture(scope='module')
@@ -38,7 +28,7 @@ def tok():
 @pytest.fixture
 def jsonl_cfg(tmp_path):
   texts = make_texts(60)
-  return make_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'd.jsonl',
+  return data_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'd.jsonl',
                                                      [{'text': t} for t in texts]),)), texts
 
 
@@ -145,7 +135,7 @@ def test_batch_format(jsonl_cfg, tok):
 
 @pytest.mark.parametrize('prefetch', [0, 2])
 def test_resume_builtin_matches_uninterrupted_run(tok, prefetch):
-  cfg = make_cfg(prefetch_batches=prefetch, seq_len=64)
+  cfg = data_cfg(prefetch_batches=prefetch, seq_len=64)
   k, m = 3, 5
   uninterrupted = data.make_pipeline(cfg, tok, 'train')
   take(uninterrupted, k)
@@ -223,7 +213,7 @@ def test_splits_are_disjoint_and_train_fraction_is_a_nested_prefix(jsonl_cfg):
 
 def test_edited_file_is_read_again(tmp_path):
   path = tmp_path / 'e.jsonl'
-  cfg = make_cfg(source='jsonl', paths=(write_jsonl(path, [{'text': t} for t in make_texts(5)]),),
+  cfg = data_cfg(source='jsonl', paths=(write_jsonl(path, [{'text': t} for t in make_texts(5)]),),
                  validation_share=0.0)
   assert len(data.load_documents(cfg, 'train')) == 5
   write_jsonl(path, [{'text': t} for t in make_texts(7, seed=1)])
@@ -253,7 +243,7 @@ def test_builtin_source_chunks_reassemble_their_file():
 
 
 def test_builtin_split_keeps_groups_together():
-  cfg = make_cfg(builtin_subset='asyncio', validation_share=0.2)
+  cfg = data_cfg(builtin_subset='asyncio', validation_share=0.2)
   train = data.load_documents(cfg, 'train')
   validation = data.load_documents(cfg, 'validation')
   assert train and validation
@@ -265,7 +255,7 @@ def test_quality_filters_and_dedup_are_counted(tmp_path, tok):
   texts = make_texts(20)
   rows = ([{'text': t} for t in texts] + [{'text': texts[0]}, {'text': 'short'},
           {'text': '\x00\x01\x02\x03' * 20 + 'mostly binary'}, {'text': texts[1] + ' extra'}])
-  cfg = make_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'q.jsonl', rows),), near_dedup=True,
+  cfg = data_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'q.jsonl', rows),), near_dedup=True,
                  near_dedup_threshold=0.7)
   stats = data.data_stats(cfg)
   assert stats.read == 24
@@ -285,19 +275,19 @@ def test_text_parquet_and_arrayrecord_sources(tmp_path, tok):
   (tmp_path / 'txt').mkdir()
   for i, t in enumerate(texts[:4]):
     (tmp_path / 'txt' / f'{i}.txt').write_text(t)
-  assert {r.text for r in data.load_documents(make_cfg(source='text', paths=(str(tmp_path / 'txt' / '*.txt'),), validation_share=0.0), 'train')} == set(texts[:4])
+  assert {r.text for r in data.load_documents(data_cfg(source='text', paths=(str(tmp_path / 'txt' / '*.txt'),), validation_share=0.0), 'train')} == set(texts[:4])
   (tmp_path / 'para.txt').write_text('\n\n'.join(texts[4:7]) + '\n')
-  para = make_cfg(source='text', paths=(str(tmp_path / 'para.txt'),), text_unit='paragraph',
+  para = data_cfg(source='text', paths=(str(tmp_path / 'para.txt'),), text_unit='paragraph',
                   validation_share=0.0)
   assert {r.text.strip() for r in data.load_documents(para, 'train')} == set(texts[4:7])
   pq.write_table(pa.table({'text': texts[7:10], 'other': [1, 2, 3]}), tmp_path / 'd.parquet')
-  parquet = make_cfg(source='parquet', paths=(str(tmp_path / 'd.parquet'),), validation_share=0.0)
+  parquet = data_cfg(source='parquet', paths=(str(tmp_path / 'd.parquet'),), validation_share=0.0)
   assert {r.text for r in data.load_documents(parquet, 'train')} == set(texts[7:10])
   writer = array_record_module.ArrayRecordWriter(str(tmp_path / 'd.array_record'), 'group_size:1')
   writer.write(texts[10].encode())
   writer.write(json.dumps({'text': texts[11]}).encode())
   writer.close()
-  ar = make_cfg(source='arrayrecord', paths=(str(tmp_path / 'd.array_record'),),
+  ar = data_cfg(source='arrayrecord', paths=(str(tmp_path / 'd.array_record'),),
                 validation_share=0.0)
   assert {r.text for r in data.load_documents(ar, 'train')} == set(texts[10:12])
   assert next(data.make_pipeline(ar, tok, 'train'))['inputs'].shape == (4, 32)
@@ -306,7 +296,7 @@ def test_text_parquet_and_arrayrecord_sources(tmp_path, tok):
 def test_mixture_draws_by_weight(tmp_path, tok):
   a = write_jsonl(tmp_path / 'a.jsonl', [{'text': 'AAAA ' + t} for t in make_texts(40, 1)])
   b = write_jsonl(tmp_path / 'b.jsonl', [{'text': 'BBBB ' + t} for t in make_texts(40, 2)])
-  cfg = make_cfg(source='mixture', mixture=((a, 3.0), (b, 1.0)), seq_len=64, batch_size=8)
+  cfg = data_cfg(source='mixture', mixture=((a, 3.0), (b, 1.0)), seq_len=64, batch_size=8)
   docs = split_docs(real_stream(take(data.make_pipeline(cfg, tok, 'train'), 60)), tok.bos_id)
   share_a = np.mean([tok.decode(d).startswith('AAAA') for d in docs])
   assert 0.65 < share_a < 0.85
@@ -315,7 +305,7 @@ def test_mixture_draws_by_weight(tmp_path, tok):
 def test_sft_loss_only_on_completion(tmp_path, tok):
   rows = [{'prompt': f'question {i} alpha beta?', 'completion': f' answer gamma {i}'}
           for i in range(30)]
-  cfg = make_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 's.jsonl', rows),), seq_len=48,
+  cfg = data_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 's.jsonl', rows),), seq_len=48,
                  num_epochs=1)
   cfg.finetune.task = 'sft'
   batches = list(data.make_pipeline(cfg, tok, 'train'))
@@ -329,7 +319,7 @@ def test_sft_loss_only_on_completion(tmp_path, tok):
 
 def test_classify_rows_and_sorted_labels(tmp_path, tok):
   rows = [{'text': t, 'label': lbl} for t, lbl in zip(make_texts(30), ['neg', 'pos', 'neutral'] * 10)]
-  cfg = make_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'c.jsonl', rows),), seq_len=16,
+  cfg = data_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'c.jsonl', rows),), seq_len=16,
                  num_epochs=1, validation_share=0.0)
   cfg.finetune.task = 'classify'
   cfg.model.num_classes = 3
@@ -362,7 +352,7 @@ def _error(cfg):
 
 
 def test_missing_path_names_the_key(tmp_path):
-  message = _error(make_cfg(source='text', paths=(str(tmp_path / 'nope' / '*.txt'),),
+  message = _error(data_cfg(source='text', paths=(str(tmp_path / 'nope' / '*.txt'),),
                             on_error='skip'))
   assert 'data.paths' in message and 'nope' in message
 
@@ -371,24 +361,24 @@ def test_bad_jsonl_lines_name_file_and_line(tmp_path):
   path = tmp_path / 'bad.jsonl'
   good = json.dumps({'text': make_texts(1)[0]})
   path.write_text(f'{good}\n{{not json\n')
-  assert f'{path}:2: not valid JSON' in _error(make_cfg(source='jsonl', paths=(str(path),)))
+  assert f'{path}:2: not valid JSON' in _error(data_cfg(source='jsonl', paths=(str(path),)))
   path.write_text(f'{good}\n\n{json.dumps({"body": "x"})}\n')
-  message = _error(make_cfg(source='jsonl', paths=(str(path),)))
+  message = _error(data_cfg(source='jsonl', paths=(str(path),)))
   assert f'{path}:3' in message and "'text'" in message and 'data.text_field' in message
 
 
 def test_invalid_utf8_names_the_line(tmp_path):
   path = tmp_path / 'latin1.txt'
   path.write_bytes('line one\nline two\ncaf\xe9 on line three\n'.encode('latin-1'))
-  message = _error(make_cfg(source='text', paths=(str(path),)))
+  message = _error(data_cfg(source='text', paths=(str(path),)))
   assert f'{path}:3' in message and 'UTF-8' in message
 
 
 def test_empty_file_and_corrupt_parquet(tmp_path):
   (tmp_path / 'empty.txt').write_bytes(b'')
-  assert 'empty file' in _error(make_cfg(source='text', paths=(str(tmp_path / 'empty.txt'),)))
+  assert 'empty file' in _error(data_cfg(source='text', paths=(str(tmp_path / 'empty.txt'),)))
   (tmp_path / 'broken.parquet').write_bytes(b'PAR1 this is not parquet')
-  message = _error(make_cfg(source='parquet', paths=(str(tmp_path / 'broken.parquet'),)))
+  message = _error(data_cfg(source='parquet', paths=(str(tmp_path / 'broken.parquet'),)))
   assert 'broken.parquet' in message and 'Parquet' in message
 
 
@@ -401,7 +391,7 @@ def test_skip_mode_counts_every_bad_record_by_reason(tmp_path, tok):
                                 b'{"text": "caf\xe9 bad bytes here, long enough to pass"}']) + b'\n')
   (tmp_path / 'empty.jsonl').write_text('\n')
   (tmp_path / 'broken.parquet').write_bytes(b'not parquet at all')
-  cfg = make_cfg(source='mixture', on_error='skip',
+  cfg = data_cfg(source='mixture', on_error='skip',
                  mixture=((str(jsonl), 1.0), (str(tmp_path / '*.jsonl'), 1.0),
                           (str(tmp_path / 'broken.parquet'), 1.0)))
   stats = data.data_stats(cfg)
@@ -412,17 +402,17 @@ def test_skip_mode_counts_every_bad_record_by_reason(tmp_path, tok):
   assert stats.skipped['empty_file'] == 1
   assert stats.skipped['corrupt_file'] == 1
   assert 'mixed.jsonl:11' in stats.skip_examples['invalid_json']
-  text = data.report(make_cfg(source='jsonl', paths=(str(jsonl),), on_error='skip'), tok)
+  text = data.report(data_cfg(source='jsonl', paths=(str(jsonl),), on_error='skip'), tok)
   assert 'invalid_json 1' in text and 'mixed.jsonl:11' in text
 
 
 def test_config_errors_name_the_key(tok):
   with pytest.raises(data.DataError, match='data.builtin_subset'):
-    data.load_documents(make_cfg(builtin_subset='nope'), 'train')
-  cfg = make_cfg(batch_size=5)
+    data.load_documents(data_cfg(builtin_subset='nope'), 'train')
+  cfg = data_cfg(batch_size=5)
   with pytest.raises(data.DataError, match='data.batch_size'):
     data.make_pipeline(cfg, tok, 'train', process_count=2)
-  cfg = make_cfg()
+  cfg = data_cfg()
   cfg.finetune.task = 'sft'
   with pytest.raises(data.DataError, match="task 'sft'"):
     data.load_documents(cfg, 'train')
@@ -436,7 +426,7 @@ def test_prepared_shards_hold_the_on_the_fly_documents_and_resume(jsonl_cfg, tok
   meta = data.prepare(cfg, tok, tmp_path / 'prep')
   assert meta['splits']['train']['documents'] == len(data.load_documents(cfg, 'train'))
   assert len(meta['splits']['train']['files']) == cfg.data.prepare_shards  # One per unit.
-  prepared = make_cfg(**{**cfg.data.to_dict(), 'prepared_dir': str(tmp_path / 'prep')})
+  prepared = data_cfg(**{**cfg.data.to_dict(), 'prepared_dir': str(tmp_path / 'prep')})
   prepared.data.num_epochs = 1
   docs = split_docs(real_stream(list(data.make_pipeline(prepared, tok, 'train'))), tok.bos_id)
   expected = [tuple(tok.encode(r.text)) for r in data.load_documents(cfg, 'train')]

@@ -10,6 +10,7 @@ from lm import config
 from lm import data
 from lm import tokenizer as tokenizer_lib
 from lm.data import prepare_job, units as units_lib
+from helpers import data_cfg
 
 WORDS = 'alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron'.split()
 
@@ -25,12 +26,7 @@ def write_jsonl(path, texts):
 
 
 def make_cfg(**overrides):
-  cfg = config.base_config()
-  cfg.data.seq_len, cfg.data.batch_size, cfg.data.prefetch_batches = 32, 4, 0
-  cfg.data.shuffle_window = 8
-  for key, value in overrides.items():
-    cfg.data[key] = value
-  return cfg
+  return data_cfg(**{'shuffle_window': 8, **overrides})
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from lm import data
-from helpers import ROOT, TINY_OVERRIDES, cli_args, final_params, losses, tiny_config
+from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, losses, sigterm_at_step,
+                     tiny_config)
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
              'train.eval_every': 8}
@@ -63,16 +64,9 @@ def test_in_flight_loop_gives_the_blocking_loops_losses(runs):
 def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
   base, cache = runs
   workdir = tmp_path / 'interrupted'
-  proc = subprocess.Popen(command(workdir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env=env(cache=cache), cwd=ROOT)
-  output = []
-  for line in proc.stdout:
-    output.append(line)
-    if line.startswith('step') and line.split()[1].startswith('3/'):
-      proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 0, ''.join(output)
+  output = sigterm_at_step(command(workdir), 3, env(cache=cache))
   stopped_at = max(losses(workdir))
-  assert 'stopping at step' in ''.join(output) and 3 <= stopped_at < 16
+  assert 'stopping at step' in output and 3 <= stopped_at < 16
   assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
   train(workdir, cache)
   assert losses(workdir) == losses(base / 'in_flight')

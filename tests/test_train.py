@@ -2,7 +2,6 @@
 
 import glob
 import os
-import signal
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 
 from lm import checkpoint, config, loop
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, load_config_file, losses,
-                     tiny_config, train_env)
+                     sigterm_at_step, tiny_config, train_env)
 
 
 @pytest.fixture(scope='module')
@@ -28,15 +27,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(straight_run, tmp_
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={workdir}',
          '--config=' + os.path.join(ROOT, 'configs/tiny.py'), '--config.name=tiny_test']
   cmd += cli_args(TINY_OVERRIDES)
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=train_env(), cwd=ROOT)
-  output = []
-  for line in proc.stdout:
-    output.append(line)
-    if line.startswith('step') and line.split()[1].startswith('10/'):
-      proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 0, ''.join(output)
-  text = ''.join(output)
+  text = sigterm_at_step(cmd, 10, train_env())
   assert 'stopping at step' in text, text
   stopped_at = max(losses(workdir))
   assert 10 <= stopped_at < 20
