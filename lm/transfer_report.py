@@ -12,6 +12,11 @@ writes to --out (default: the workdir):
   transfer_domain.png    domain loss vs domain tokens, one line per recipe (+/- spread)
   transfer_frontier.png  domain gain vs general-loss change per fine-tuned cell
 
+The replay frontier: at each domain share where full fine-tuning was run with several replay
+shares (recipe 'full' = 0, 'replay...' = finetune.replay), the domain gain kept and the
+general-loss change per replay share, and the smallest share that keeps general loss within
++TARGET_FORGETTING of before while keeping >= TARGET_GAIN_KEPT of full fine-tuning's gain.
+
 Best learning rate per cell: the lowest mean domain validation loss over the seeds (the same
 validation batches the table reports, so the selected cell is slightly optimistic; with a
 2-point grid the effect is small). Spread = sample standard deviation over seeds.
@@ -22,7 +27,6 @@ loss (D_E is more than the largest size N), '< N' where it is above every one.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import math
@@ -30,9 +34,14 @@ import os
 import statistics
 import sys
 
-from lm import transfer
+from absl import flags
+
+from lm import cli, transfer
+from lm.errors import UserError
 
 KEYS = ('recipe', 'data.train_fraction')
+TARGET_FORGETTING = 0.05  # General-loss change allowed (issue: "within +0.05 of before").
+TARGET_GAIN_KEPT = 0.9  # Share of plain full fine-tuning's domain gain to keep.
 METRICS = ('domain_loss', 'general_loss', 'domain_gain', 'general_change')
 
 
@@ -52,7 +61,7 @@ def read_rows(path: str) -> list[dict]:
   for r in rows:
     row = {'recipe': r['recipe'], 'data.train_fraction': _float(r['data.train_fraction']),
            'optim.lr': _float(r['optim.lr']), 'seed': r.get('seed'),
-           'train_tokens': _float(r.get('train_tokens'))}
+           'train_tokens': _float(r.get('train_tokens')), 'replay': _float(r.get('replay'))}
     for key in ('domain_loss', 'general_loss', 'domain_loss_before', 'general_loss_before'):
       row[key] = _float(r.get(key))
     row['domain_gain'] = (row['domain_loss_before'] - row['domain_loss']
@@ -86,7 +95,7 @@ def best_cells(rows: list[dict]) -> list[dict]:
   for (recipe, share), (_, lr, trials) in best.items():
     cell = {'recipe': recipe, 'data.train_fraction': share, 'best_lr': lr, 'seeds': len(trials),
             'lrs_tried': sorted({k[2] for k in by_lr if k[:2] == (recipe, share)}),
-            'train_tokens': trials[0]['train_tokens']}
+            'train_tokens': trials[0]['train_tokens'], 'replay': trials[0]['replay']}
     for m in METRICS:
       cell[f'{m}_mean'], cell[f'{m}_sd'] = _mean_sd([t[m] for t in trials])
     cells.append(cell)
@@ -107,6 +116,53 @@ def add_effective_data(cells: list[dict]) -> transfer.ScalingCurve | None:
     if c['recipe'] != 'scratch' and c['domain_loss_mean'] is not None:
       c.update(transfer.effective_data(curve, c['domain_loss_mean'], c['train_tokens']))
   return curve
+
+
+def replay_frontier(cells: list[dict]) -> dict[float, list[dict]]:
+  """Per domain share with >= 2 replay shares of full fine-tuning: one row per replay share.
+
+  Each row has the cell's gain and change, `gain_kept` (its mean domain gain / full
+  fine-tuning's) and `meets` (both targets hold for the means).
+  """
+  by_share = collections.defaultdict(list)
+  for c in cells:
+    if c['recipe'] == 'full' or c['recipe'].startswith('replay'):
+      if c['replay'] is not None and c['domain_gain_mean'] is not None:
+        by_share[c['data.train_fraction']].append(c)
+  frontier = {}
+  for share, group in sorted(by_share.items()):
+    full = [c for c in group if c['replay'] == 0]
+    if len(group) < 2 or not full or not full[0]['domain_gain_mean']:
+      continue
+    rows = []
+    for c in sorted(group, key=lambda c: c['replay']):
+      kept = c['domain_gain_mean'] / full[0]['domain_gain_mean']
+      rows.append({**c, 'gain_kept': kept,
+                   'meets': (c['general_change_mean'] <= TARGET_FORGETTING
+                             and kept >= TARGET_GAIN_KEPT)})
+    frontier[share] = rows
+  return frontier
+
+
+def frontier_markdown(frontier: dict[float, list[dict]]) -> str:
+  parts = []
+  for share, rows in frontier.items():
+    lines = [f'Replay frontier at domain share {share:g} (full fine-tuning = replay 0; target: '
+             f'general-loss change <= +{TARGET_FORGETTING:g} and >= {TARGET_GAIN_KEPT:.0%} of '
+             'its domain gain):', '',
+             '| replay share | best lr | domain gain | gain kept | general-loss change | '
+             'meets both |', '|---:|---:|---:|---:|---:|---|']
+    for r in rows:
+      lines.append(f"| {r['replay']:g} | {r['best_lr']:g} | "
+                   f"{_pm(r['domain_gain_mean'], r['domain_gain_sd'])} | {r['gain_kept']:.0%} | "
+                   f"{_pm(r['general_change_mean'], r['general_change_sd'])} | "
+                   f"{'yes' if r['meets'] else 'no'} |")
+    meeting = [r for r in rows if r['meets']]
+    lines.append('')
+    lines.append(f"Smallest replay share meeting both: {meeting[0]['replay']:g}." if meeting else
+                 'No replay share meets both targets: the table above is the frontier.')
+    parts.append('\n'.join(lines))
+  return '\n\n'.join(parts)
 
 
 def _pm(mean, sd, digits=3) -> str:
@@ -197,26 +253,35 @@ def report(workdir: str, out_dir: str | None = None) -> list[dict]:
   add_effective_data(cells)
   write_csv(cells, os.path.join(out_dir, 'transfer_results.csv'))
   files = plot(cells, out_dir) if cells else []
+  frontier = frontier_markdown(replay_frontier(cells))
   text = ('# Transfer study: best learning rate per cell, mean ± sd over seeds\n\n'
-          + markdown(cells) + '\n\n' + '\n'.join(f'![{f}]({f})' for f in files) + '\n')
+          + markdown(cells) + '\n\n' + (frontier + '\n\n' if frontier else '')
+          + '\n'.join(f'![{f}]({f})' for f in files) + '\n')
   with open(os.path.join(out_dir, 'transfer.md'), 'w') as f:
     f.write(text)
   print(text)
   return cells
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m lm.transfer_report',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', required=True, help='the transfer sweep directory')
-  parser.add_argument('--out', default='', help='output directory (default: the workdir)')
-  args = parser.parse_args(argv)
+def define_flags(flag_values: flags.FlagValues, argv: list[str]) -> None:
+  del argv
+  flags.DEFINE_string('workdir', None, 'The transfer sweep directory (holds results.csv).',
+                      flag_values=flag_values)
+  flags.DEFINE_string('out', '', 'Output directory (default: the workdir).',
+                      flag_values=flag_values)
+
+
+def run(args: flags.FlagValues, positional: list[str]) -> int:
+  if positional or not args.workdir:
+    raise UserError('usage: python -m lm.transfer_report --workdir=DIR [--out=DIR] (see --help)')
   if not os.path.exists(os.path.join(args.workdir, 'results.csv')):
-    print(f'error: {args.workdir}/results.csv does not exist (run the sweep first)',
-          file=sys.stderr)
-    return 2
+    raise UserError(f'{args.workdir}/results.csv does not exist (run the sweep first)')
   report(args.workdir, args.out or None)
   return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  return cli.run_tool(run, define_flags, argv, prog='python -m lm.transfer_report', doc=__doc__)
 
 
 if __name__ == '__main__':

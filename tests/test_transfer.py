@@ -95,6 +95,34 @@ def test_report_picks_the_best_lr_per_cell_and_reads_effective_data(tmp_path):
   assert (tmp_path / 'transfer_frontier.png').exists() and (tmp_path / 'transfer.md').exists()
 
 
+def test_replay_frontier_picks_the_smallest_share_meeting_both_targets(tmp_path):
+  from lm import transfer_report
+  columns = ['stage', 'trial', 'status', 'recipe', 'data.train_fraction', 'optim.lr', 'seed',
+             'domain_loss', 'general_loss', 'domain_loss_before', 'general_loss_before',
+             'train_tokens', 'replay']
+  # replay share: (domain loss after, general loss after); before = (5.0, 4.0). Full gains 1.0.
+  outcomes = {0.0: (4.0, 4.5), 0.1: (4.02, 4.2), 0.25: (4.05, 4.04), 0.5: (4.2, 4.01)}
+  rows = []
+  for share, (domain, general) in outcomes.items():
+    recipe = 'full' if share == 0 else f'replay{share:g}'
+    for lr, offset in ((1e-3, 0.0), (3e-3, 0.3)):
+      for seed in range(3):
+        rows.append(['replay_frontier', 'x', 'done', recipe, 0.1, lr, seed, domain + offset,
+                     general, 5.0, 4.0, 1e4, share])
+  with open(tmp_path / 'results.csv', 'w') as f:
+    f.write('\n'.join(','.join(str(v) for v in r) for r in [columns] + rows) + '\n')
+  cells = transfer_report.best_cells(transfer_report.read_rows(str(tmp_path / 'results.csv')))
+  frontier = transfer_report.replay_frontier(cells)[0.1]
+  assert [r['replay'] for r in frontier] == [0.0, 0.1, 0.25, 0.5]
+  assert [r['gain_kept'] for r in frontier] == pytest.approx([1.0, 0.98, 0.95, 0.8])
+  # 0.1 keeps the gain but forgets 0.2; 0.5 forgets little but keeps 80%: 0.25 is the answer.
+  assert [r['meets'] for r in frontier] == [False, False, True, False]
+  text = transfer_report.frontier_markdown({0.1: frontier})
+  assert 'Smallest replay share meeting both: 0.25.' in text
+  del frontier[2]
+  assert 'No replay share meets both' in transfer_report.frontier_markdown({0.1: frontier})
+
+
 def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(tmp_path):
   import collections
   from lm import sweep as sweep_lib

@@ -11,6 +11,10 @@ training documents (data.train_fraction: nested subsets):
   lora     finetune.py with rank-8 LoRA adapters on attention and MLP (base weights frozen)
   replay   full, with finetune.replay = 0.25 of every batch from the general corpus
 
+A `replay_frontier` stage adds full fine-tuning with replay 0.1, 0.5 and 0.75 at the 10% share
+(with 'full' = 0 and 'replay' = 0.25, five points), from which lm.transfer_report reads the
+smallest replay share that keeps general loss within +0.05 of before and >= 90% of the gain.
+
 Every arm uses the same weight decay (0.1) and the same learning-rate grid (LRS); each
 (recipe, share) cell keeps the rate with the lowest mean domain validation loss over 3 seeds
 (seed and data order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30%
@@ -34,17 +38,18 @@ SCALES = {
     #         model (d_model, layers, heads, kv heads, mlp), vocab, seq, batch, steps, domain steps
     'smoke': dict(model=(64, 4, 4, 2, 128), vocab=1024, seq_len=32, batch=8, pretrain_steps=20,
                   domain_steps=10, eval_batches=4, fractions=(0.01, 1.0), curve=(0.1, 0.3),
-                  lrs=(1e-3, 3e-3), seeds=(0, 1)),
+                  lrs=(1e-3, 3e-3), seeds=(0, 1), frontier_fraction=1.0),
     'cpu': dict(model=(128, 4, 4, 2, 384), vocab=1024, seq_len=64, batch=16, pretrain_steps=1000,
                 domain_steps=100, eval_batches=16, fractions=(0.01, 0.1, 1.0), curve=(0.03, 0.3),
-                lrs=(1e-3, 3e-3), seeds=(0, 1, 2)),
+                lrs=(1e-3, 3e-3), seeds=(0, 1, 2), frontier_fraction=0.1),
     'large': dict(model=(512, 8, 8, 4, 1536), vocab=8192, seq_len=256, batch=64,
                   pretrain_steps=20_000, domain_steps=500, eval_batches=32,
                   fractions=(0.01, 0.1, 1.0), curve=(0.003, 0.03, 0.3),
-                  lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2)),
+                  lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), frontier_fraction=0.1),
 }
 WEIGHT_DECAY = 0.1  # Every arm, from scratch and fine-tuned alike.
 REPLAY = 0.25
+FRONTIER_REPLAY = (0.1, 0.5, 0.75)  # With 0 (full) and REPLAY, five points.
 
 
 def get_sweep(scale: str = 'cpu') -> Sweep:
@@ -69,7 +74,7 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
                  'train.checkpoint_every': max(s['pretrain_steps'] // 4, 1)},
       # Its own evaluations are on the general corpus; its domain loss is every fine-tuning
       # trial's domain_loss_before.
-      metrics={'general_loss': 'final.eval/loss', 'domain_loss_best': None})
+      metrics={'general_loss': 'final.eval/loss', 'domain_loss': None, 'domain_loss_best': None})
   finetune = {'finetune.restore_from': '{sweep}/pretrain', 'finetune.general_eval': True,
               'finetune.probes': ()}
   lower_half = '|'.join(str(i) for i in range(n_layers // 2))
@@ -104,13 +109,22 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
       overrides=domain_overrides,
       grid={'recipe': {'scratch': scratch}, 'data.train_fraction': list(s['curve']),
             'optim.lr': list(s['lrs']), 'seed': seeds})
+  # The replay frontier: how much general data in each batch buys how much less forgetting, and
+  # what it costs in domain gain (0 = 'full', 0.25 = 'replay' above), at one domain share.
+  replay_frontier = Stage(
+      name='replay_frontier', script='finetune.py', config='configs/finetune_domain.py',
+      overrides=domain_overrides,
+      grid={'recipe': {f'replay{share:g}': {**recipes['full'], 'finetune.replay': share}
+                       for share in FRONTIER_REPLAY},
+            'data.train_fraction': [s['frontier_fraction']], 'optim.lr': list(s['lrs']),
+            'seed': seeds})
   return Sweep(
       name=f'transfer_{scale}',
       description=('Domain (email) and general validation loss after an equal step budget on '
                    '1-100% of the domain data; recipes: scratch / full / frozen / lora / '
                    f'replay {REPLAY}; lr grid {list(s["lrs"])} x seeds {list(s["seeds"])} per '
                    'cell (python -m lm.transfer_report picks the best lr per cell).'),
-      stages=[pretrain, domain, scratch_curve],
+      stages=[pretrain, domain, scratch_curve, replay_frontier],
       metrics={
           'domain_loss': ('report.after.domain_loss', 'final.eval/loss'),
           'general_loss': 'report.after.general_loss',
@@ -118,6 +132,7 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
           'domain_loss_before': 'report.before.domain_loss',
           'general_loss_before': 'report.before.general_loss',
           'train_tokens': 'data.train_tokens',
+          'replay': 'report.tradeoff.replay',  # The replay frontier's x (0 for 'full').
       },
       # Per (recipe, share) the trials differ in lr and seed: lm.transfer_report makes the
       # study's tables (best lr, mean +/- sd); results.md's pivot would show one trial a cell.
