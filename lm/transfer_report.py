@@ -132,13 +132,15 @@ def replay_frontier(cells: list[dict]) -> dict[float, list[dict]]:
   frontier = {}
   for share, group in sorted(by_share.items()):
     full = [c for c in group if c['replay'] == 0]
-    if len(group) < 2 or not full or not full[0]['domain_gain_mean']:
+    if len(group) < 2 or not full:
       continue
+    full_gain = full[0]['domain_gain_mean']
     rows = []
     for c in sorted(group, key=lambda c: c['replay']):
-      kept = c['domain_gain_mean'] / full[0]['domain_gain_mean']
+      # With no gain to keep, "the share of it kept" means nothing: no row meets the target.
+      kept = c['domain_gain_mean'] / full_gain if full_gain > 0 else None
       rows.append({**c, 'gain_kept': kept,
-                   'meets': (c['general_change_mean'] <= TARGET_FORGETTING
+                   'meets': (kept is not None and c['general_change_mean'] <= TARGET_FORGETTING
                              and kept >= TARGET_GAIN_KEPT)})
     frontier[share] = rows
   return frontier
@@ -154,13 +156,18 @@ def frontier_markdown(frontier: dict[float, list[dict]]) -> str:
              'meets both |', '|---:|---:|---:|---:|---:|---|']
     for r in rows:
       lines.append(f"| {r['replay']:g} | {r['best_lr']:g} | "
-                   f"{_pm(r['domain_gain_mean'], r['domain_gain_sd'])} | {r['gain_kept']:.0%} | "
+                   f"{_pm(r['domain_gain_mean'], r['domain_gain_sd'])} | "
+                   f"{'' if r['gain_kept'] is None else format(r['gain_kept'], '.0%')} | "
                    f"{_pm(r['general_change_mean'], r['general_change_sd'])} | "
                    f"{'yes' if r['meets'] else 'no'} |")
     meeting = [r for r in rows if r['meets']]
     lines.append('')
-    lines.append(f"Smallest replay share meeting both: {meeting[0]['replay']:g}." if meeting else
-                 'No replay share meets both targets: the table above is the frontier.')
+    if rows[0]['gain_kept'] is None:
+      lines.append('Full fine-tuning has no domain gain here (at its best rate): there is no '
+                   'gain to keep.')
+    else:
+      lines.append(f"Smallest replay share meeting both: {meeting[0]['replay']:g}." if meeting
+                   else 'No replay share meets both targets: the table above is the frontier.')
     parts.append('\n'.join(lines))
   return '\n\n'.join(parts)
 

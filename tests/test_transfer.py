@@ -121,6 +121,10 @@ def test_replay_frontier_picks_the_smallest_share_meeting_both_targets(tmp_path)
   assert 'Smallest replay share meeting both: 0.25.' in text
   del frontier[2]
   assert 'No replay share meets both' in transfer_report.frontier_markdown({0.1: frontier})
+  for c in cells:  # Full fine-tuning that made the domain worse has no gain to keep.
+    c['domain_gain_mean'] -= 2.0
+  assert not any(r['meets'] for r in transfer_report.replay_frontier(cells)[0.1])
+  assert 'no domain gain' in transfer_report.frontier_markdown(transfer_report.replay_frontier(cells))
 
 
 def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(tmp_path):
@@ -133,8 +137,14 @@ def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(t
   for t in trials:
     grid[(t.values['recipe'], t.cfg.data.train_fraction)].add((t.cfg.optim.lr, t.cfg.seed,
                                                                t.cfg.data.shuffle_seed))
-  assert len({frozenset(v) for v in grid.values()}) == 1  # The same lr x seed grid per cell.
-  assert len(next(iter(grid.values()))) == 2 * 3
+  seeds = {(0, 0), (1, 1), (2, 2)}
+  base = {(lr, *s) for lr in (1e-3, 3e-3) for s in seeds}
+  finetuned = base | {(lr, *s) for lr in (1e-4, 3e-4) for s in seeds}
+  for (recipe, share), cell in grid.items():  # Every arm: the same lrs x seeds (the fine-tuned
+    assert cell == (base if recipe == 'scratch' else finetuned), (recipe, share)  # also lower).
+  frontier = {r: share for r, share in grid if r.startswith('replay') and r != 'replay'}
+  assert sorted(frontier) == ['replay0.1', 'replay0.5', 'replay0.75']
+  assert set(frontier.values()) == {0.1} and ('full', 0.1) in grid and ('replay', 0.1) in grid
   scratch_sizes = {share for recipe, share in grid if recipe == 'scratch'}
   assert len(scratch_sizes) >= 4
   replay = [t for t in trials if t.values['recipe'] == 'replay']

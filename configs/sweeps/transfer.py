@@ -15,9 +15,10 @@ A `replay_frontier` stage adds full fine-tuning with replay 0.1, 0.5 and 0.75 at
 (with 'full' = 0 and 'replay' = 0.25, five points), from which lm.transfer_report reads the
 smallest replay share that keeps general loss within +0.05 of before and >= 90% of the gain.
 
-Every arm uses the same weight decay (0.1) and the same learning-rate grid (LRS); each
-(recipe, share) cell keeps the rate with the lowest mean domain validation loss over 3 seeds
-(seed and data order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30%
+Every arm uses the same weight decay (0.1) and the learning-rate grid `lrs`; the fine-tuned arms
+also try the lower `finetune_lrs` (stage `domain_finetune_lr`: with only 1e-3 and 3e-3, full
+fine-tuning's best rate sat at the grid's lower edge). Each (recipe, share) cell keeps the rate
+with the lowest mean domain validation loss over 3 seeds (seed and data order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30%
 so the from-scratch data-scaling curve has 5 sizes: the effective data transferred
 (Hernandez et al. 2021, lm/transfer.py) of each fine-tuned cell is read from it.
 
@@ -38,14 +39,16 @@ SCALES = {
     #         model (d_model, layers, heads, kv heads, mlp), vocab, seq, batch, steps, domain steps
     'smoke': dict(model=(64, 4, 4, 2, 128), vocab=1024, seq_len=32, batch=8, pretrain_steps=20,
                   domain_steps=10, eval_batches=4, fractions=(0.01, 1.0), curve=(0.1, 0.3),
-                  lrs=(1e-3, 3e-3), seeds=(0, 1), frontier_fraction=1.0),
+                  lrs=(1e-3, 3e-3), finetune_lrs=(), seeds=(0, 1), frontier_fraction=1.0),
     'cpu': dict(model=(128, 4, 4, 2, 384), vocab=1024, seq_len=64, batch=16, pretrain_steps=1000,
                 domain_steps=100, eval_batches=16, fractions=(0.01, 0.1, 1.0), curve=(0.03, 0.3),
-                lrs=(1e-3, 3e-3), seeds=(0, 1, 2), frontier_fraction=0.1),
+                lrs=(1e-3, 3e-3), finetune_lrs=(1e-4, 3e-4), seeds=(0, 1, 2),
+                frontier_fraction=0.1),
     'large': dict(model=(512, 8, 8, 4, 1536), vocab=8192, seq_len=256, batch=64,
                   pretrain_steps=20_000, domain_steps=500, eval_batches=32,
                   fractions=(0.01, 0.1, 1.0), curve=(0.003, 0.03, 0.3),
-                  lrs=(3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), frontier_fraction=0.1),
+                  lrs=(3e-4, 1e-3, 3e-3), finetune_lrs=(3e-5, 1e-4), seeds=(0, 1, 2),
+                  frontier_fraction=0.1),
 }
 WEIGHT_DECAY = 0.1  # Every arm, from scratch and fine-tuned alike.
 REPLAY = 0.25
@@ -104,6 +107,14 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
       overrides=domain_overrides,
       grid={'recipe': recipes, 'data.train_fraction': list(s['fractions']),
             'optim.lr': list(s['lrs']), 'seed': seeds})
+  # Fine-tuning a pre-trained model wants lower rates than training from scratch: the fine-tuned
+  # arms also try finetune_lrs (the report picks the best of all rates a cell tried).
+  finetuned = {k: v for k, v in recipes.items() if k != 'scratch'}
+  domain_finetune_lr = Stage(
+      name='domain_finetune_lr', script='finetune.py', config='configs/finetune_domain.py',
+      overrides=domain_overrides,
+      grid={'recipe': finetuned, 'data.train_fraction': list(s['fractions']),
+            'optim.lr': list(s['finetune_lrs']), 'seed': seeds})
   scratch_curve = Stage(
       name='scratch_curve', script='finetune.py', config='configs/finetune_domain.py',
       overrides=domain_overrides,
@@ -116,15 +127,18 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
       overrides=domain_overrides,
       grid={'recipe': {f'replay{share:g}': {**recipes['full'], 'finetune.replay': share}
                        for share in FRONTIER_REPLAY},
-            'data.train_fraction': [s['frontier_fraction']], 'optim.lr': list(s['lrs']),
+            'data.train_fraction': [s['frontier_fraction']],
+            'optim.lr': list(s['finetune_lrs']) + list(s['lrs']),
             'seed': seeds})
   return Sweep(
       name=f'transfer_{scale}',
       description=('Domain (email) and general validation loss after an equal step budget on '
                    '1-100% of the domain data; recipes: scratch / full / frozen / lora / '
-                   f'replay {REPLAY}; lr grid {list(s["lrs"])} x seeds {list(s["seeds"])} per '
-                   'cell (python -m lm.transfer_report picks the best lr per cell).'),
-      stages=[pretrain, domain, scratch_curve, replay_frontier],
+                   f'replay {REPLAY}; lr grid {list(s["lrs"])} (fine-tuned arms also '
+                   f'{list(s["finetune_lrs"])}) x seeds {list(s["seeds"])} per cell '
+                   '(python -m lm.transfer_report picks the best lr per cell).'),
+      stages=[pretrain, domain] + ([domain_finetune_lr] if s['finetune_lrs'] else [])
+      + [scratch_curve, replay_frontier],
       metrics={
           'domain_loss': ('report.after.domain_loss', 'final.eval/loss'),
           'general_loss': 'report.after.general_loss',
