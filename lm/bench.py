@@ -73,8 +73,7 @@ def run_benchmark(cfg) -> dict:
   rules = cfg.mesh.rules
   built = build.build(cfg, mesh, finetune=False)
   model, tx, schedule, paths = built.model, built.tx, built.schedule, built.trainable
-  state, shardings = step.create_train_state(model, tx, paths, mesh, rules, seed=cfg.seed,
-                                             seq_len=cfg.data.seq_len)
+  state, shardings = built.init_state(), built.state_shardings
   batch = sharding.shard_batch(random_batch(cfg, cfg.data.batch_size // jax.process_count()),
                                mesh, rules)
   train_step = step.jit_train_step(
