@@ -14,7 +14,6 @@ it. Both take a run from lm.run, which this module imports (never lm.loop).
 from __future__ import annotations
 
 import copy
-import json
 import os
 from typing import Callable
 
@@ -22,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, sharding
+from lm import checkpoint, files, sharding
 from lm import config as config_lib
 from lm import step as step_lib
 from lm.run import Run, build_run, make_iterator
@@ -98,7 +97,7 @@ def evaluate_trial(workdir: str, evals: dict[str, dict], is_finetune: bool = Fal
   workdir = os.path.abspath(workdir)
   cfg = checkpoint.read_config(workdir)
   path = os.path.join(workdir, EVALS_FILE)
-  results = _read_results(path)
+  results = files.read_json(path, checkpoint.CheckpointError, 'delete it to evaluate again') or {}
   params = None
   for name, overrides in evals.items():
     eval_cfg = config_lib.override(copy.deepcopy(cfg), overrides)
@@ -107,21 +106,6 @@ def evaluate_trial(workdir: str, evals: dict[str, dict], is_finetune: bool = Fal
       params = checkpoint.load_params(workdir, run.abstract_params)
     results[name] = evaluate(run, make_eval_fn(run), params)
     print(f'eval {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results[name].items()))
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)  # Atomic: a killed evaluation leaves the previous results whole.
+  files.write_json(path, results)  # Atomic: a killed evaluation leaves the previous results whole.
   return results
-
-
-def _read_results(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise checkpoint.CheckpointError(f'{path}: not valid JSON ({e}); delete it to evaluate '
-                                     f'again') from None
 

@@ -74,7 +74,7 @@ def optimizer_state_bytes(run: Run) -> int:
   """Bytes of optimizer state (whole model, all devices) for the run's trainable set: frozen
   leaves hold none; a partly trainable stacked leaf holds it for its trainable slices only."""
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(run.built.abstract_opt_state)))
+                 for x in jax.tree.leaves(run.abstract_opt_state)))
 
 
 # --------------------------------------------------------------------------- measurements
@@ -83,12 +83,7 @@ def optimizer_state_bytes(run: Run) -> int:
 def general_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same run evaluated on the built-in general corpus with the LM loss."""
   general = ml_collections.ConfigDict(cfg.to_dict())
-  general.data.source = 'builtin'
-  general.data.builtin_subset = 'general'
-  general.data.paths = ()
-  general.data.prepared_dir = ''
-  general.data.mixture = ()
-  general.data.validation_paths = ()  # The domain's validation files; general uses its own split.
+  general.data = replay.general_data(cfg)
   general.finetune.task = 'lm'
   return general
 
@@ -174,9 +169,9 @@ def prepare_task_data(cfg: ml_collections.ConfigDict, workdir) -> None:
 def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   """Fine-tunes per cfg; returns the loop's summary plus the before/after report."""
   if not cfg.finetune.restore_from:
-    from lm.config import ConfigError
-    raise ConfigError('config key finetune.restore_from: set the checkpoint to fine-tune '
-                      '(a train.py workdir, a checkpoint dir, or a converted model)')
+    raise config_lib.ConfigError('config key finetune.restore_from: set the checkpoint to '
+                                 'fine-tune (a train.py workdir, a checkpoint dir, or a '
+                                 'converted model)')
   workdir = preflight_workdir(workdir)
   checkpoint.resolve(cfg.finetune.restore_from)  # A missing checkpoint fails before anything.
   inherit_architecture(cfg)

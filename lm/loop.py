@@ -20,7 +20,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from lm import checkpoint, data, flops, metrics as metrics_lib, selection, sharding
+from lm import checkpoint, data, flops, generate, metrics as metrics_lib, selection, sharding
 from lm import step as step_lib
 from lm import model as model_lib
 from lm.evaluate import evaluate, make_eval_fn
@@ -33,8 +33,6 @@ from lm.guards import NanGuard, StopSignal, TrainingError  # noqa: F401  (lm.loo
 
 def sample_text(run: Run, params, prompts, max_new_tokens: int, seed: int = 0) -> list[str]:
   """A few continuations, to see what the model learned (temperature 0.8, top-k 40)."""
-  from lm import generate
-
   tok = run.tokenizer
   params = jax.device_get(params)
   generator = generate.Generator(run.cfg.model, params,
@@ -87,7 +85,7 @@ def restore_or_init(run: Run, manager, train_iterator):
   """(state, shardings, resumed_from_step or None)."""
   latest = manager.latest_step()
   params = None if latest is not None else initial_params(run)
-  state, shardings = run.built.init_state(params), run.built.state_shardings
+  state, shardings = run.init_state(params), run.state_shardings
   if latest is None:
     return state, shardings, None
   abstract_state = jax.tree.map(
@@ -108,7 +106,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   run = build_run(cfg, workdir, is_finetune=is_finetune)
   cfg = run.cfg
   total_steps = cfg.train.steps
-  tx, schedule = run.built.tx, run.built.schedule
+  tx, schedule = run.tx, run.schedule
   manager = checkpoint.make_manager(checkpoint.checkpoint_dir(run.workdir), keep=cfg.train.keep,
                                     keep_period=cfg.train.keep_period,
                                     async_save=cfg.train.async_checkpoint)

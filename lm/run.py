@@ -26,37 +26,12 @@ from lm import build, checkpoint, data, optim, replay, sharding
 from lm.config import ConfigError, validate
 
 
-@dataclasses.dataclass
-class Run:
-  """Everything built once at start-up and shared by training and evaluation."""
-  cfg: ml_collections.ConfigDict
+@dataclasses.dataclass(frozen=True)
+class Run(build.Built):
+  """A built run (lm.build: model, abstract params, trainable set, optimizer, shardings) with
+  its workdir and tokenizer: everything start-up makes once for training and evaluation."""
   workdir: epath.Path
-  mesh: jax.sharding.Mesh
   tokenizer: Any
-  built: build.Built  # Model, abstract params, trainable set, optimizer, state shardings.
-  is_finetune: bool
-
-  @property
-  def model(self) -> Any:
-    return self.built.model
-
-  @property
-  def task(self) -> str:
-    return self.built.task
-
-  @property
-  def trainable(self) -> dict:
-    """lm.selection: {path: None (whole leaf) or the trainable layers of a stack}."""
-    return self.built.trainable
-
-  @property
-  def abstract_params(self) -> Any:
-    """ShapeDtypeStructs carrying their shardings."""
-    return self.built.abstract_params
-
-  @property
-  def params_shardings(self) -> Any:
-    return self.built.params_shardings
 
 
 def preflight_workdir(workdir: str | os.PathLike, min_free_mb: int = 64) -> epath.Path:
@@ -100,8 +75,9 @@ def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> 
                       f'(mesh {dict(mesh.shape)})')
   tokenizer = data.load_or_train_tokenizer(cfg, workdir)
   fit_vocab(cfg, tokenizer)
-  return Run(cfg, workdir, mesh, tokenizer, build.build(cfg, mesh, finetune=is_finetune),
-             is_finetune)
+  built = build.build(cfg, mesh, finetune=is_finetune)
+  return Run(**{f.name: getattr(built, f.name) for f in dataclasses.fields(built)},
+             workdir=workdir, tokenizer=tokenizer)
 
 
 def initial_params(run: Run):
@@ -115,7 +91,7 @@ def initial_params(run: Run):
     allow_new += (optim.LORA_PATTERN,)
   init_params = None
   if allow_new:
-    init_params, _ = sharding.init_sharded(run.built.init_fn, run.mesh, cfg.mesh.rules,
+    init_params, _ = sharding.init_sharded(run.init_fn, run.mesh, cfg.mesh.rules,
                                            jax.random.key(cfg.seed),
                                            shardings=run.params_shardings)
   logging.info('restoring params from %s', source)
