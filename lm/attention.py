@@ -118,15 +118,25 @@ def resolve_kernel(name: str, platform: str | None = None) -> str:
   return {'tpu': 'splash', 'gpu': 'cudnn'}.get(platform, 'xla')
 
 
+def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,
+                   k_segment_BS: Array, window: Array | int) -> Array:
+  """[B, 1, T, S] bool: causal, same non-zero segment, and within `window` when window > 0.
+
+  Index arrays of batch 1 broadcast over the segments' batch (self-attention's 0..T-1).
+  """
+  q_idx = q_index_BT[:, None, :, None]
+  k_idx = k_index_BS[:, None, None, :]
+  allowed = k_idx <= q_idx
+  allowed &= q_segment_BT[:, None, :, None] == k_segment_BS[:, None, None, :]
+  allowed &= k_segment_BS[:, None, None, :] != 0
+  in_window = (q_idx - k_idx) < window
+  return allowed & ((window <= 0) | in_window)
+
+
 def self_attention_mask(segment_ids_BT: Array, window: Array | int) -> Array:
-  """[B, 1, T, T] bool for self-attention over packed rows (lm.model.attention_mask's rule)."""
-  B, T = segment_ids_BT.shape
-  idx = jnp.arange(T)
-  allowed = idx[None, :] <= idx[:, None]
-  allowed = allowed[None] & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-  allowed &= (segment_ids_BT != 0)[:, None, :]
-  in_window = (idx[:, None] - idx[None, :]) < window
-  return (allowed & ((window <= 0) | in_window)[None])[:, None]
+  """[B, 1, T, T] bool for self-attention over packed rows (token i at position i)."""
+  index_1T = jnp.arange(segment_ids_BT.shape[1])[None]
+  return attention_mask(index_1T, index_1T, segment_ids_BT, segment_ids_BT, window)
 
 
 def self_attention(q_BTHD: Array, k_BTKD: Array, v_BTKD: Array, segment_ids_BT: Array, *,

@@ -32,8 +32,9 @@ from ml_collections import config_flags  # noqa: E402
 
 from lm import config as config_lib
 from lm import model as model_lib
-from lm import attention, build, metrics, sharding, step
+from lm import attention, build, memory, metrics, op_profile, sharding, step
 from lm import flops as flops_lib
+from lm import torch_reference  # Imports torch only when the comparison runs.
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/bench_cpu.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
@@ -73,8 +74,7 @@ def run_benchmark(cfg) -> dict:
   rules = cfg.mesh.rules
   built = build.build(cfg, mesh, finetune=False)
   model, tx, schedule, paths = built.model, built.tx, built.schedule, built.trainable
-  state, shardings = step.create_train_state(model, tx, paths, mesh, rules, seed=cfg.seed,
-                                             seq_len=cfg.data.seq_len)
+  state, shardings = built.init_state(), built.state_shardings
   batch = sharding.shard_batch(random_batch(cfg, cfg.data.batch_size // jax.process_count()),
                                mesh, rules)
   train_step = step.jit_train_step(
@@ -117,8 +117,6 @@ def run_benchmark(cfg) -> dict:
     result['compiled_temp_mb'] = round(memory.temp_size_in_bytes / 2**20, 1)
     result['compiled_args_mb'] = round(memory.argument_size_in_bytes / 2**20, 1)
   if _PROFILE.value:
-    from lm import op_profile
-
     def one_step():
       nonlocal state  # The step donates its state: each call consumes the last one's.
       state, step_metrics = compiled(state, batch)
@@ -129,7 +127,6 @@ def run_benchmark(cfg) -> dict:
     rows = op_profile.breakdown(op_times, compiled.as_text())
     result['op_time_ms'] = {name: round(ms, 1) for name, ms, _ in rows}
   if _TORCH.value:
-    from lm import torch_reference
     ref = torch_reference.benchmark(cfg, _STEPS.value, _REPEATS.value)
     result.update({
         'torch_step_ms': round(1e3 * ref['step_s'], 2), 'torch_threads': ref['threads'],
@@ -145,7 +142,6 @@ def main(argv):
   cfg = _CONFIG.value
   config_lib.validate(cfg)
   if _DRY_RUN.value:
-    from lm import memory
     result = memory.plan(cfg, _DEVICES.value or jax.device_count(),
                          platform=_PLATFORM.value or None)
     print(memory.format_plan(result))
@@ -156,7 +152,6 @@ def main(argv):
       if key != 'op_time_ms':
         print(f'{key:<{width}}  {value}')
     if 'op_time_ms' in result:
-      from lm import op_profile
       total = sum(result['op_time_ms'].values()) or 1.0
       print(op_profile.format_breakdown(
           [(name, ms, ms / total) for name, ms in result['op_time_ms'].items()]))

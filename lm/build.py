@@ -4,10 +4,10 @@
                              trainable selection, optimizer + schedule, train-state shardings
                              and the abstract optimizer state
 
-It is the union of what the loop (with step.create_train_state), the memory planner, the
-benchmark and fine-tuning each assemble today. Fine-tuning is "a run with a finetune section"
-(`finetune_section`), not a flag; a caller that knows better (finetune.py, a LoRA checkpoint
-being decoded) says so with `finetune=`. `mesh` may be a concrete Mesh or an AbstractMesh (the
+It is what the loop, the memory planner, the benchmark and fine-tuning each need;
+`built.init_state(params)` then makes the sharded train state. Fine-tuning is "a run with a
+finetune section" (`finetune_section`), not a flag; a caller that knows better (finetune.py, a
+LoRA checkpoint being decoded) says so with `finetune=`. `mesh` may be a concrete Mesh or an AbstractMesh (the
 memory planner plans for devices it does not have).
 
 `load_checkpoint(path)` builds the model a saved checkpoint describes and restores its params
@@ -54,6 +54,13 @@ class Built:
   def is_finetune(self) -> bool:
     return self.finetune is not None
 
+  def init_state(self, params=None) -> step_lib.TrainState:
+    """The train state on the (concrete) mesh: fresh params, or `params` placed; laid out as
+    state_shardings."""
+    return step_lib.init_train_state(self.init_fn, self.tx, self.trainable, self.state_shardings,
+                                     self.mesh, self.cfg.mesh.rules, seed=self.cfg.seed,
+                                     params=params)
+
   def trainable_params(self, params) -> dict[str, Any]:
     """{path: leaf or trained slice} of a params tree (concrete or abstract)."""
     return selection.take(model_lib.flatten_params(params), self.trainable)
@@ -68,7 +75,7 @@ def finetune_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def model_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """cfg.model with vocab_size 0 ('the tokenizer's') read as tokenizer.vocab_size.
 
-  A run with a real tokenizer fits model.vocab_size to it first (loop.fit_vocab); tools that
+  A run with a real tokenizer fits model.vocab_size to it first (lm.run.fit_vocab); tools that
   build no tokenizer (bench, the memory planner) get the size the config would train.
   """
   m = ml_collections.ConfigDict(cfg.model.to_dict())

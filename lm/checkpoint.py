@@ -38,9 +38,10 @@ from absl import logging
 from etils import epath
 
 from lm import config as config_lib
-from lm import layout
+from lm import data, layout
 from lm import model as model_lib
 from lm.errors import UserError
+from lm.optim import path_matches
 
 STATE, DATA, CONFIG = 'state', 'data', 'config'
 MANIFEST = 'lm_manifest.json'  # {file: [bytes, sha256]} of a step's item files.
@@ -233,7 +234,6 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, *, data_i
   args = {STATE: ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target))}
   restored = manager.restore(step, args=ocp.args.Composite(**args))
   if data_iterator is not None:  # Not grain's handler: it needs the saving process count.
-    from lm import data
     data.restore_iterator(data_iterator, epath.Path(manager.directory) / str(step) / DATA, step)
   tree = restored[STATE]
   return abstract_state.replace(step=tree['step'], params=tree['params'],
@@ -383,8 +383,6 @@ def _both_floating(a, b) -> bool:
 
 def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = '') -> None:
   """One error listing every missing, unexpected, mis-shaped or mis-typed parameter path."""
-  from lm.optim import path_matches
-
   problems = []
   for path, (shape, dtype) in expected.items():
     if path not in saved:

@@ -7,23 +7,84 @@
   evaluate_trial(workdir, evals)   a finished run's final params under other data (the sweep's
                                    `--evaluate` helper: e.g. a domain model on the general corpus)
 
-`evaluate`, `make_eval_fn` and `macro_f1` are still implemented in lm.loop (being reworked in
-parallel); import them from here so callers do not move again when they do.
+lm.loop calls `evaluate` every train.eval_every steps; lm.finetune measures before and after with
+it. Both take a run from lm.run, which this module imports (never lm.loop).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
+from typing import Callable
 
-from lm import checkpoint, loop
+import jax
+import ml_collections
+import numpy as np
+
+from lm import checkpoint, files, sharding
 from lm import config as config_lib
-from lm.loop import evaluate, macro_f1, make_eval_fn
+from lm import step as step_lib
+from lm.run import Run, build_run, make_iterator
 
 EVALS_FILE = 'sweep_evals.json'  # In the run's workdir: {eval name: metrics}.
 
-__all__ = ['evaluate', 'evaluate_trial', 'macro_f1', 'make_eval_fn']
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+  scores = []
+  for c in range(num_classes):
+    tp = np.sum((predictions == c) & (labels == c))
+    fp = np.sum((predictions == c) & (labels != c))
+    fn = np.sum((predictions != c) & (labels == c))
+    if tp + fp + fn:
+      scores.append(2 * tp / (2 * tp + fp + fn))
+  return float(np.mean(scores)) if scores else 0.0
+
+
+def evaluate(run: Run, eval_fn: Callable, params, *, cfg: ml_collections.ConfigDict | None = None,
+             task: str | None = None, max_batches: int | None = None) -> dict:
+  """Mean loss (and perplexity / accuracy / macro-F1) over the first validation batches."""
+  cfg = cfg or run.cfg
+  task = task or run.task
+  max_batches = max_batches or cfg.train.eval_batches
+  iterator = make_iterator(run, 'validation', cfg, task)
+  totals = {'nll_sum': 0.0, 'correct': 0.0, 'weight': 0.0}
+  predictions, labels = [], []
+  for i, batch in enumerate(iterator):
+    if i >= max_batches:
+      break
+    stats = eval_fn(params, sharding.shard_batch(batch, run.mesh, cfg.mesh.rules))
+    stats = jax.device_get(stats)
+    for key in totals:
+      totals[key] += float(stats[key])
+    if task == 'classify':
+      keep = np.asarray(stats['valid'])  # Padding rows carry no example (global rows).
+      predictions.append(np.asarray(stats['predictions'])[keep])
+      labels.append(np.asarray(stats['labels'])[keep])
+  if hasattr(iterator, 'close'):
+    iterator.close()
+  weight = max(totals['weight'], 1.0)
+  loss = totals['nll_sum'] / weight
+  result = {'loss': loss, 'accuracy': totals['correct'] / weight}
+  if task == 'classify':
+    preds, labs = np.concatenate(predictions), np.concatenate(labels)
+    result['accuracy'] = float(np.mean(preds == labs)) if len(labs) else 0.0
+    result['macro_f1'] = macro_f1(preds, labs, cfg.model.num_classes)
+  else:
+    result['perplexity'] = float(np.exp(min(loss, 50.0)))
+  return result
+
+
+def make_eval_fn(run: Run, task: str | None = None) -> Callable:
+  eval_step = step_lib.make_eval_step(run.model, task=task or run.task)
+  # Replicated results: every process reads the global batch's statistics and predictions.
+  jitted = jax.jit(eval_step, out_shardings=jax.sharding.NamedSharding(
+      run.mesh, jax.sharding.PartitionSpec()))
+
+  def eval_fn(params, batch):
+    with sharding.activate(run.mesh, run.cfg.mesh.rules):
+      return jitted(params, batch)
+
+  return eval_fn
 
 
 def evaluate_trial(workdir: str, evals: dict[str, dict], is_finetune: bool = False) -> dict:
@@ -36,30 +97,15 @@ def evaluate_trial(workdir: str, evals: dict[str, dict], is_finetune: bool = Fal
   workdir = os.path.abspath(workdir)
   cfg = checkpoint.read_config(workdir)
   path = os.path.join(workdir, EVALS_FILE)
-  results = _read_results(path)
+  results = files.read_json(path, checkpoint.CheckpointError, 'delete it to evaluate again') or {}
   params = None
   for name, overrides in evals.items():
     eval_cfg = config_lib.override(copy.deepcopy(cfg), overrides)
-    run = loop.build_run(eval_cfg, workdir, is_finetune=is_finetune)
+    run = build_run(eval_cfg, workdir, is_finetune=is_finetune)
     if params is None:
       params = checkpoint.load_params(workdir, run.abstract_params)
     results[name] = evaluate(run, make_eval_fn(run), params)
     print(f'eval {name}: ' + ', '.join(f'{k} {v:.4f}' for k, v in results[name].items()))
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)  # Atomic: a killed evaluation leaves the previous results whole.
+  files.write_json(path, results)  # Atomic: a killed evaluation leaves the previous results whole.
   return results
-
-
-def _read_results(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    text = f.read()
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise checkpoint.CheckpointError(f'{path}: not valid JSON ({e}); delete it to evaluate '
-                                     f'again') from None
 

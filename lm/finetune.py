@@ -25,9 +25,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, lora, loop, optim, probe, replay, selection, tasks
+from lm import checkpoint, lora, loop, probe, replay, selection, tasks
 from lm import config as config_lib
 from lm import model as model_lib
+from lm.evaluate import evaluate, make_eval_fn
+from lm.run import Run, preflight_workdir
 
 REPORT = 'finetune_report'
 
@@ -41,7 +43,7 @@ def say(text: str) -> None:
 # --------------------------------------------------------------------------- parameters
 
 
-def parameter_table(run: loop.Run) -> str:
+def parameter_table(run: Run) -> str:
   """Trainable vs. frozen parameters (count and bytes) by top-level subtree; stacked (scanned)
   layers are shown per layer, as layers_<i>, like unscanned ones."""
   flat = model_lib.flatten_params(run.abstract_params)
@@ -68,15 +70,11 @@ def parameter_table(run: loop.Run) -> str:
   return '\n'.join(lines)
 
 
-def optimizer_state_bytes(run: loop.Run) -> int:
+def optimizer_state_bytes(run: Run) -> int:
   """Bytes of optimizer state (whole model, all devices) for the run's trainable set: frozen
   leaves hold none; a partly trainable stacked leaf holds it for its trainable slices only."""
-  flat = model_lib.flatten_params(run.abstract_params)
-  tx, _ = optim.make_optimizer(run.cfg.optim, run.cfg.train.steps, run.trainable)
-  abstract_train = {p: jax.ShapeDtypeStruct(x.shape, x.dtype)
-                    for p, x in selection.take(flat, run.trainable).items()}
-  abstract = jax.eval_shape(tx.init, abstract_train)
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract)))
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(run.abstract_opt_state)))
 
 
 # --------------------------------------------------------------------------- measurements
@@ -85,21 +83,16 @@ def optimizer_state_bytes(run: loop.Run) -> int:
 def general_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same run evaluated on the built-in general corpus with the LM loss."""
   general = ml_collections.ConfigDict(cfg.to_dict())
-  general.data.source = 'builtin'
-  general.data.builtin_subset = 'general'
-  general.data.paths = ()
-  general.data.prepared_dir = ''
-  general.data.mixture = ()
-  general.data.validation_paths = ()  # The domain's validation files; general uses its own split.
+  general.data = replay.general_data(cfg)
   general.finetune.task = 'lm'
   return general
 
 
-def measure(run: loop.Run, eval_fn, params) -> dict[str, float]:
+def measure(run: Run, eval_fn, params) -> dict[str, float]:
   """Every 'what changed' number for one set of params."""
   cfg = run.cfg
   out: dict[str, float] = {}
-  task_eval = loop.evaluate(run, eval_fn, params)
+  task_eval = evaluate(run, eval_fn, params)
   if run.task == 'classify':
     out.update(task_loss=task_eval['loss'], task_accuracy=task_eval['accuracy'],
                task_macro_f1=task_eval['macro_f1'])
@@ -108,8 +101,8 @@ def measure(run: loop.Run, eval_fn, params) -> dict[str, float]:
                domain_token_accuracy=task_eval['accuracy'])
   if cfg.finetune.general_eval:
     # The LM eval step serves 'lm' and 'sft' alike; classification needs its own.
-    lm_eval_fn = eval_fn if run.task != 'classify' else loop.make_eval_fn(run, task='lm')
-    general_eval = loop.evaluate(run, lm_eval_fn, params, cfg=general_config(cfg), task='lm')
+    lm_eval_fn = eval_fn if run.task != 'classify' else make_eval_fn(run, task='lm')
+    general_eval = evaluate(run, lm_eval_fn, params, cfg=general_config(cfg), task='lm')
     out.update(general_loss=general_eval['loss'], general_perplexity=general_eval['perplexity'])
   return out
 
@@ -176,10 +169,10 @@ def prepare_task_data(cfg: ml_collections.ConfigDict, workdir) -> None:
 def finetune(cfg: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
   """Fine-tunes per cfg; returns the loop's summary plus the before/after report."""
   if not cfg.finetune.restore_from:
-    from lm.config import ConfigError
-    raise ConfigError('config key finetune.restore_from: set the checkpoint to fine-tune '
-                      '(a train.py workdir, a checkpoint dir, or a converted model)')
-  workdir = loop.preflight_workdir(workdir)
+    raise config_lib.ConfigError('config key finetune.restore_from: set the checkpoint to '
+                                 'fine-tune (a train.py workdir, a checkpoint dir, or a '
+                                 'converted model)')
+  workdir = preflight_workdir(workdir)
   checkpoint.resolve(cfg.finetune.restore_from)  # A missing checkpoint fails before anything.
   inherit_architecture(cfg)
   prepare_task_data(cfg, workdir)

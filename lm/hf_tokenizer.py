@@ -20,8 +20,10 @@ import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from etils import epath
 import numpy as np
 
+from lm import files
 from lm.errors import UserError
 
 BUNDLE_KEY = 'lm_hf_tokenizer'
@@ -50,14 +52,8 @@ def token_content(value: Any) -> str | None:
 
 def read_config(directory) -> dict[str, Any]:
   """The special tokens and chat template stored beside a tokenizer.json ({} if none)."""
-  config: dict[str, Any] = {}
-  path = directory / CONFIG_FILE
-  if path.exists():
-    try:
-      raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise TokenizerError(f'{path}: not valid JSON ({e})') from None
-    config = {k: raw[k] for k in _CONFIG_KEYS if k in raw}
+  raw = files.read_json(directory / CONFIG_FILE, TokenizerError) or {}
+  config: dict[str, Any] = {k: raw[k] for k in _CONFIG_KEYS if k in raw}
   template = directory / TEMPLATE_FILE
   if template.exists():
     config['chat_template'] = template.read_text()
@@ -145,7 +141,6 @@ class HFTokenizer:
   @classmethod
   def from_bytes(cls, data: bytes, path: str | pathlib.Path | None = None) -> 'HFTokenizer':
     """A bundle, or a tokenizer.json whose tokenizer_config.json is read from beside `path`."""
-    from etils import epath
     try:
       obj = json.loads(data)
       if BUNDLE_KEY in obj:
@@ -159,19 +154,10 @@ class HFTokenizer:
 
   @classmethod
   def load(cls, path) -> 'HFTokenizer':
-    from etils import epath
-    path = epath.Path(path)
-    if not path.exists():
-      raise FileNotFoundError(f'no tokenizer at {path}')
-    return cls.from_bytes(path.read_bytes(), path)
+    return cls.from_bytes(files.read_bytes(path, 'tokenizer'), path)
 
   def save(self, path) -> None:
-    from etils import epath
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'.{path.name}.tmp'
-    tmp.write_bytes(self.model_proto)
-    tmp.replace(path)  # Atomic on local disks.
+    files.write_bytes(path, self.model_proto)
 
   def save_pretrained(self, out_dir: str | pathlib.Path) -> None:
     """tokenizer.json + tokenizer_config.json as transformers reads them."""

@@ -14,182 +14,18 @@ which parameters train (finetune.freeze / trainable / LoRA), and the task's loss
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
-from etils import epath
 
-from lm import build, checkpoint, data, flops, metrics as metrics_lib, optim, replay
-from lm import selection, sharding
+from lm import checkpoint, data, flops, generate, metrics as metrics_lib, selection, sharding
 from lm import step as step_lib
 from lm import model as model_lib
-from lm.config import ConfigError, validate
+from lm.evaluate import evaluate, make_eval_fn
+from lm.run import Run, build_run, data_fault, make_iterator, initial_params
 from lm.guards import NanGuard, StopSignal, TrainingError  # noqa: F401  (lm.loop.TrainingError: the CLI's name)
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything built once at start-up and shared by training and evaluation."""
-  cfg: ml_collections.ConfigDict
-  workdir: epath.Path
-  mesh: jax.sharding.Mesh
-  tokenizer: Any
-  model: Any
-  task: str
-  trainable: dict  # lm.selection: {path: None (whole leaf) or trainable layers of a stack}.
-  abstract_params: Any  # ShapeDtypeStructs with shardings.
-  params_shardings: Any
-  is_finetune: bool
-
-
-# --------------------------------------------------------------------------- start-up
-
-
-def preflight_workdir(workdir: str | os.PathLike, min_free_mb: int = 64) -> epath.Path:
-  """Fails before any compilation if the workdir cannot be created, written or is full."""
-  path = checkpoint.absolute(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_test_{jax.process_index()}'
-    probe.write_text('ok')
-    probe.unlink()
-  except OSError as e:
-    raise ConfigError(f'--workdir {path} is not writable: {e.strerror or e}') from e
-  if not str(path).startswith('gs://'):
-    stat = os.statvfs(path)
-    free_mb = stat.f_bavail * stat.f_frsize / 2**20
-    if free_mb < min_free_mb:
-      raise ConfigError(f'--workdir {path} has only {free_mb:.0f} MB free '
-                        f'(need at least {min_free_mb} MB for checkpoints)')
-  return path
-
-
-def fit_vocab(cfg: ml_collections.ConfigDict, tokenizer) -> None:
-  """model.vocab_size 0 means 'the tokenizer's size'; a smaller explicit size is an error."""
-  if cfg.model.vocab_size == 0:
-    cfg.model.vocab_size = tokenizer.vocab_size
-  elif cfg.model.vocab_size < tokenizer.vocab_size:
-    raise ConfigError(f'config key model.vocab_size: {cfg.model.vocab_size} is smaller than the '
-                      f'tokenizer vocabulary ({tokenizer.vocab_size})')
-
-
-def build_run(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool) -> Run:
-  workdir = preflight_workdir(workdir)
-  validate(cfg, jax.device_count())
-  mesh = sharding.make_mesh(cfg.mesh)
-  batch_axes = sharding.batch_sharding(mesh, cfg.mesh.rules).spec[0] or ()
-  batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
-  batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
-  if cfg.data.batch_size % batch_shards:  # Else an IndivisibleError from deep inside JAX.
-    raise ConfigError(f'config key data.batch_size: {cfg.data.batch_size} rows cannot be split '
-                      f'evenly over the {batch_shards} batch shards of mesh axes {batch_axes} '
-                      f'(mesh {dict(mesh.shape)})')
-  tokenizer = data.load_or_train_tokenizer(cfg, workdir)
-  fit_vocab(cfg, tokenizer)
-  built = build.build(cfg, mesh, finetune=is_finetune)
-  return Run(cfg, workdir, mesh, tokenizer, built.model, built.task, built.trainable,
-             built.abstract_params, built.params_shardings, is_finetune)
-
-
-def initial_params(run: Run):
-  """Warm-start params (finetune.restore_from / train.init_from), or None for a fresh init."""
-  cfg = run.cfg
-  source = cfg.finetune.restore_from if run.is_finetune else cfg.train.init_from
-  if not source:
-    return None
-  allow_new = tuple(cfg.finetune.allow_new_params) if run.is_finetune else ()
-  if run.is_finetune and cfg.finetune.lora_rank > 0:
-    allow_new += (optim.LORA_PATTERN,)
-  init_params = None
-  if allow_new:
-    init_params, _ = sharding.init_sharded(
-        step_lib.init_fn(run.model, cfg.data.seq_len, cfg.model.num_classes), run.mesh,
-        cfg.mesh.rules, jax.random.key(cfg.seed))
-  logging.info('restoring params from %s', source)
-  return checkpoint.load_params(source, run.abstract_params, allow_new=allow_new,
-                                init_params=init_params)
-
-
-def data_fault(e: BaseException, where: str) -> data.DataError:
-  """One line naming the step and the file (OSError carries its filename; DataError names it)."""
-  detail = str(e) if isinstance(e, data.DataError) else f'{type(e).__name__}: {e}'
-  return data.DataError(f'{where}: {detail}')
-
-
-def make_iterator(run: Run, split: str, cfg: ml_collections.ConfigDict | None = None,
-                  task: str | None = None):
-  if split == 'train' and cfg is None and run.is_finetune and run.cfg.finetune.replay > 0:
-    return replay.make_train_iterator(run.cfg, run.tokenizer, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), task=task or run.task)
-  return data.make_pipeline(cfg or run.cfg, run.tokenizer, split,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count(), task=task or run.task)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def macro_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-  scores = []
-  for c in range(num_classes):
-    tp = np.sum((predictions == c) & (labels == c))
-    fp = np.sum((predictions == c) & (labels != c))
-    fn = np.sum((predictions != c) & (labels == c))
-    if tp + fp + fn:
-      scores.append(2 * tp / (2 * tp + fp + fn))
-  return float(np.mean(scores)) if scores else 0.0
-
-
-def evaluate(run: Run, eval_fn: Callable, params, *, cfg: ml_collections.ConfigDict | None = None,
-             task: str | None = None, max_batches: int | None = None) -> dict:
-  """Mean loss (and perplexity / accuracy / macro-F1) over the first validation batches."""
-  cfg = cfg or run.cfg
-  task = task or run.task
-  max_batches = max_batches or cfg.train.eval_batches
-  iterator = make_iterator(run, 'validation', cfg, task)
-  totals = {'nll_sum': 0.0, 'correct': 0.0, 'weight': 0.0}
-  predictions, labels = [], []
-  for i, batch in enumerate(iterator):
-    if i >= max_batches:
-      break
-    stats = eval_fn(params, sharding.shard_batch(batch, run.mesh, cfg.mesh.rules))
-    stats = jax.device_get(stats)
-    for key in totals:
-      totals[key] += float(stats[key])
-    if task == 'classify':
-      keep = np.asarray(stats['valid'])  # Padding rows carry no example (global rows).
-      predictions.append(np.asarray(stats['predictions'])[keep])
-      labels.append(np.asarray(stats['labels'])[keep])
-  if hasattr(iterator, 'close'):
-    iterator.close()
-  weight = max(totals['weight'], 1.0)
-  loss = totals['nll_sum'] / weight
-  result = {'loss': loss, 'accuracy': totals['correct'] / weight}
-  if task == 'classify':
-    preds, labs = np.concatenate(predictions), np.concatenate(labels)
-    result['accuracy'] = float(np.mean(preds == labs)) if len(labs) else 0.0
-    result['macro_f1'] = macro_f1(preds, labs, cfg.model.num_classes)
-  else:
-    result['perplexity'] = float(np.exp(min(loss, 50.0)))
-  return result
-
-
-def make_eval_fn(run: Run, task: str | None = None) -> Callable:
-  eval_step = step_lib.make_eval_step(run.model, task=task or run.task)
-  # Replicated results: every process reads the global batch's statistics and predictions.
-  jitted = jax.jit(eval_step, out_shardings=jax.sharding.NamedSharding(
-      run.mesh, jax.sharding.PartitionSpec()))
-
-  def eval_fn(params, batch):
-    with sharding.activate(run.mesh, run.cfg.mesh.rules):
-      return jitted(params, batch)
-
-  return eval_fn
 
 
 # --------------------------------------------------------------------------- samples
@@ -197,8 +33,6 @@ def make_eval_fn(run: Run, task: str | None = None) -> Callable:
 
 def sample_text(run: Run, params, prompts, max_new_tokens: int, seed: int = 0) -> list[str]:
   """A few continuations, to see what the model learned (temperature 0.8, top-k 40)."""
-  from lm import generate
-
   tok = run.tokenizer
   params = jax.device_get(params)
   generator = generate.Generator(run.cfg.model, params,
@@ -247,14 +81,11 @@ def _commit_saves_on_error(manager):
     raise
 
 
-def restore_or_init(run: Run, manager, tx, train_iterator):
+def restore_or_init(run: Run, manager, train_iterator):
   """(state, shardings, resumed_from_step or None)."""
-  cfg = run.cfg
   latest = manager.latest_step()
   params = None if latest is not None else initial_params(run)
-  state, shardings = step_lib.create_train_state(
-      run.model, tx, run.trainable, run.mesh, cfg.mesh.rules, seed=cfg.seed,
-      seq_len=cfg.data.seq_len, num_classes=cfg.model.num_classes, params=params)
+  state, shardings = run.init_state(params), run.state_shardings
   if latest is None:
     return state, shardings, None
   abstract_state = jax.tree.map(
@@ -275,7 +106,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   run = build_run(cfg, workdir, is_finetune=is_finetune)
   cfg = run.cfg
   total_steps = cfg.train.steps
-  tx, schedule = optim.make_optimizer(cfg.optim, total_steps, run.trainable)
+  tx, schedule = run.tx, run.schedule
   manager = checkpoint.make_manager(checkpoint.checkpoint_dir(run.workdir), keep=cfg.train.keep,
                                     keep_period=cfg.train.keep_period,
                                     async_save=cfg.train.async_checkpoint)
@@ -284,7 +115,7 @@ def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,
   except (data.DataError, OSError) as e:  # A source file removed or unreadable since the save.
     latest = manager.latest_step()
     raise data_fault(e, f'training data, at start-up (step {latest or 0})') from e
-  state, shardings, resumed = restore_or_init(run, manager, tx, train_iterator)
+  state, shardings, resumed = restore_or_init(run, manager, train_iterator)
   start_step = int(state.step)
   writer = metrics_lib.MetricsWriter(run.workdir)
   peak_total, peak_source = metrics_lib.total_peak_flops(cfg)

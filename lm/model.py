@@ -40,7 +40,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm import attention, selection
+from lm import attention
+from lm.layers import (ClassHead, Embed, Linear, apply_rope, linear, norm, rope_cos_sin,
+                       rope_inv_freq)
 
 Array = jax.Array
 
@@ -66,232 +68,37 @@ def layer_rope_base(cfg: ml_collections.ConfigDict, layer: int) -> float:
   return cfg.rope_local_base
 
 
-# --------------------------------------------------------------------------- building blocks
+# --------------------------------------------------------------------------- the model
+# (its building blocks, RMSNorm, Linear, Embed, ClassHead and RoPE, are in lm/layers.py)
 
 
-class RMSNorm(nn.Module):
-  """RMSNorm computed in float32; Gemma's variant scales by (1 + w), with w starting at 0."""
-  eps: float = 1e-6
-  plus_one: bool = False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
-    scale = self.param('scale', nn.with_logical_partitioning(init, ('norm',)), (x.shape[-1],),
-                       self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    weight = scale.astype(jnp.float32) + (1.0 if self.plus_one else 0.0)
-    return (normed * weight).astype(self.dtype)
-
-
-class Linear(nn.Module):
-  """An einsum with a logically partitioned kernel and optional LoRA adapter.
-
-  The kernel has shape in_shape + out_shape. LoRA (when `lora_rank` > 0 and this kernel's path
-  matches one of `lora_targets`) adds scale * (x @ A) @ B with A: [in..., r], B: [r, out...];
-  B starts at zero so the adapted model equals the base model at step 0.
-  """
-  in_shape: tuple[int, ...]
-  out_shape: tuple[int, ...]
-  in_axes: tuple[str, ...]
-  out_axes: tuple[str, ...]
-  init_std: float = 0.02
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  lora_rank: int = 0
-  lora_alpha: float = 16.0
-  lora_dropout: float = 0.0
-  lora_targets: tuple[str, ...] = ()
-  preferred_element_type: Any = None
-  use_bias: bool = False  # A bias [out...] after the matmul (Qwen2 q/k/v, Llama attention_bias).
-
-  def _lora_enabled(self) -> bool:
-    """Whether this kernel gets adapters. Under nn.scan one module serves every layer, so a
-    stacked kernel gets them when any layer's path matches (lm.selection names layers the
-    same in both layouts); only the matching layers' slices train (lm.optim)."""
-    if not self.lora_rank:
-      return False
-    path = '/'.join(str(p) for p in self.path) + '/kernel'
-    # The layer count comes from the enclosing Attention / Mlp's model config.
-    n_layers = getattr(getattr(self.parent, 'cfg', None), 'n_layers', 1)
-    return selection.matches_any_layer(path, self.lora_targets, n_layers)
-
-  def _flat_matmul(self, x: Array, kernel: Array) -> Array:
-    """x [..., *in_shape] @ kernel as one 2-D [tokens, in] x [in, out] matmul.
-
-    The same contraction as an einsum, but XLA:CPU lays out the backward pass of a
-    multi-dimensional einsum with transposed gradients that it then writes element by element
-    (measured: the SwiGLU MLP's fwd+bwd 1.5x slower); the 2-D form keeps every operand row-major.
-    On accelerators the reshapes are free.
-    """
-    lead = x.shape[:x.ndim - len(self.in_shape)]
-    x_NI = x.reshape(-1, math.prod(self.in_shape)).astype(self.dtype)
-    kernel_IO = kernel.reshape(math.prod(self.in_shape), -1).astype(self.dtype)
-    y_NO = jnp.matmul(x_NI, kernel_IO, preferred_element_type=self.preferred_element_type)
-    return y_NO.reshape(lead + self.out_shape)
-
-  @nn.compact
-  def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    n_in = len(self.in_shape)
-    kernel = self.param(
-        'kernel',
-        nn.with_logical_partitioning(
-            nn.initializers.normal(self.init_std), self.in_axes + self.out_axes),
-        self.in_shape + self.out_shape, self.param_dtype)
-    in_letters = 'abcd'[:n_in]
-    out_letters = 'wxyz'[:len(self.out_shape)]
-    y = self._flat_matmul(x, kernel)
-    if self.use_bias:
-      bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.out_axes),
-                        self.out_shape, self.param_dtype)
-      y = y + bias.astype(y.dtype)
-    if self._lora_enabled():
-      a = self.param('lora_a',
-                     nn.with_logical_partitioning(
-                         nn.initializers.normal(1.0 / math.sqrt(math.prod(self.in_shape))),
-                         self.in_axes + ('lora_rank',)),
-                     self.in_shape + (self.lora_rank,), self.param_dtype)
-      b = self.param('lora_b',
-                     nn.with_logical_partitioning(nn.initializers.zeros,
-                                                  ('lora_rank',) + self.out_axes),
-                     (self.lora_rank,) + self.out_shape, self.param_dtype)
-      h = nn.Dropout(self.lora_dropout)(x, deterministic=deterministic)
-      h = jnp.einsum(f'...{in_letters},{in_letters}r->...r', h.astype(self.dtype), a.astype(self.dtype))
-      h = jnp.einsum(f'...r,r{out_letters}->...{out_letters}', h, b.astype(self.dtype))
-      y = y + (self.lora_alpha / self.lora_rank) * h.astype(y.dtype)
-    return y
-
-
-def rope_inv_freq(cfg: ml_collections.ConfigDict, base: Array | float, dim: int,
-                  apply_scaling: bool) -> Array:
-  """Inverse frequencies of RoPE; Llama 3.1 / linear scaling apply to global layers only."""
-  inv_freq = 1.0 / (jnp.asarray(base, jnp.float32) ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  if not apply_scaling or cfg.rope_scaling == 'none':
-    return inv_freq
-  if cfg.rope_scaling == 'linear':
-    return inv_freq / cfg.rope_scaling_factor
-  # 'llama3': long wavelengths are slowed by `factor`, short ones kept, a smooth blend between.
-  factor, low, high = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-  old_len = cfg.rope_original_max_len
-  wavelen = 2 * math.pi / inv_freq
-  smooth = (old_len / wavelen - low) / (high - low)
-  blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-  is_medium = (wavelen <= old_len / low) & (wavelen >= old_len / high)
-  return jnp.where(is_medium, blended, scaled)
-
-
-def rope_cos_sin(positions_BT: Array, inv_freq_F: Array, table_len: int = 0) -> tuple[Array, Array]:
-  """cos and sin [B, T, 1, F] of the RoPE angles positions * inv_freq.
-
-  With `table_len` > 0 they are read from a [table_len, F] table of the same values instead of
-  evaluated per token. Computed per token, XLA fuses cos/sin into the rotations that use them
-  and evaluates them again for every head and every use: on the 2-core CPU that made RoPE 5x
-  slower and 7% of the bench_cpu step. A gather keeps the trig to table_len * F values.
-  Positions must be in [0, table_len); others read NaN rather than a wrong angle.
-  """
-  with jax.named_scope('rope'):  # Named for lm.op_profile.
-    if table_len:
-      angles_LF = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq_F
-      # jnp.take counts negative indices from the end: send them out of range instead.
-      index_BT = jnp.where(positions_BT < 0, table_len, positions_BT)
-      lookup = lambda table_LF: jnp.take(table_LF, index_BT, axis=0, mode='fill',
-                                         fill_value=jnp.nan)
-      cos_BTF, sin_BTF = lookup(jnp.cos(angles_LF)), lookup(jnp.sin(angles_LF))
-    else:
-      angles_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq_F
-      cos_BTF, sin_BTF = jnp.cos(angles_BTF), jnp.sin(angles_BTF)
-    return cos_BTF[:, :, None], sin_BTF[:, :, None]
-
-
-def apply_rope(x_BTHD: Array, cos_BT1F: Array, sin_BT1F: Array) -> Array:
-  """Rotate-half RoPE (the layout Hugging Face Llama/Gemma checkpoints store q/k in):
-  the halves (x1, x2) of each head become (x1 cos - x2 sin, x2 cos + x1 sin)."""
-  with jax.named_scope('rope'):  # Named for lm.op_profile.
-    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos_BT1F - x2 * sin_BT1F, x2 * cos_BT1F + x1 * sin_BT1F],
-                              axis=-1)
-    return rotated.astype(x_BTHD.dtype)
-
-
-def attention_mask(q_index_BT: Array, k_index_BS: Array, q_segment_BT: Array,
-                   k_segment_BS: Array, window: Array | int) -> Array:
-  """[B, 1, T, S] bool: causal, same non-zero segment, and within `window` when window > 0."""
-  q_idx = q_index_BT[:, None, :, None]
-  k_idx = k_index_BS[:, None, None, :]
-  allowed = k_idx <= q_idx
-  allowed &= q_segment_BT[:, None, :, None] == k_segment_BS[:, None, None, :]
-  allowed &= k_segment_BS[:, None, None, :] != 0
-  in_window = (q_idx - k_idx) < window
-  return allowed & ((window <= 0) | in_window)
-
-
-class Embed(nn.Module):
-  """Token embedding table [vocab, embed]; `attend` is the tied output projection."""
-  vocab_size: int
-  d_model: int
-  init_std: float = 0.02
-  param_dtype: Any = jnp.float32
-
-  def setup(self):
-    self.embedding = self.param(
-        'embedding', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
-                                                  ('vocab', 'embed')),
-        (self.vocab_size, self.d_model), self.param_dtype)
-
-  def __call__(self, tokens_BT: Array) -> Array:
-    return jnp.take(self.embedding, tokens_BT, axis=0)
-
-  def attend(self, hidden_BTD: Array) -> Array:
-    return jnp.einsum('btd,vd->btv', hidden_BTD, self.embedding.astype(hidden_BTD.dtype),
-                      preferred_element_type=jnp.float32)
-
-
-class ClassHead(nn.Module):
-  """Linear classifier in float32 on a pooled hidden state."""
-  num_classes: int
-  init_std: float = 0.02
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, pooled_BD: Array) -> Array:
-    kernel = self.param('kernel', nn.with_logical_partitioning(
-        nn.initializers.normal(self.init_std), ('embed', 'classes')),
-                        (pooled_BD.shape[-1], self.num_classes), self.param_dtype)
-    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('classes',)),
-                      (self.num_classes,), self.param_dtype)
-    return pooled_BD.astype(jnp.float32) @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
-
-
-class Attention(nn.Module):
+class ModelPart(nn.Module):
+  """What every module of the model is built from: the model config, the finetune section
+  when LoRA is on (else None), and whether it decodes with a KV cache."""
   cfg: ml_collections.ConfigDict
   lora: ml_collections.ConfigDict | None = None
+  decode: bool = False
+
+
+class Attention(ModelPart):
+  """Grouped-query attention with RoPE (and q/k norms, biases, a sliding window as configured);
+  with `decode`, over a KV cache."""
 
   def _linear(self, name, in_shape, out_shape, in_axes, out_axes):
-    m, lora = self.cfg, self.lora
-    use_bias = m.o_bias if name == 'o' else m.qkv_bias
-    return Linear(in_shape, out_shape, in_axes, out_axes, init_std=m.init_std, use_bias=use_bias,
-                  dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
-                  lora_rank=lora.lora_rank if lora else 0,
-                  lora_alpha=lora.lora_alpha if lora else 1.0,
-                  lora_dropout=lora.lora_dropout if lora else 0.0,
-                  lora_targets=tuple(lora.lora_targets) if lora else (), name=name)
+    use_bias = self.cfg.o_bias if name == 'o' else self.cfg.qkv_bias
+    return linear(self.cfg, self.lora, name, in_shape, out_shape, in_axes, out_axes, use_bias)
 
   @nn.compact
   def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array,
-               is_global: Array | bool, rope_base: Array | float, deterministic: bool = True,
-               decode: bool = False) -> Array:
-    m = self.cfg
+               is_global: Array | bool, rope_base: Array | float,
+               deterministic: bool = True) -> Array:
+    m, decode = self.cfg, self.decode
     D, H, K, Dh = m.d_model, m.n_heads, m.n_kv_heads, head_dim(m)
     q_BTHD = self._linear('q', (D,), (H, Dh), ('embed',), ('heads', 'head_dim'))(x_BTD, deterministic)
     k_BTKD = self._linear('k', (D,), (K, Dh), ('embed',), ('kv_heads', 'head_dim'))(x_BTD, deterministic)
     v_BTKD = self._linear('v', (D,), (K, Dh), ('embed',), ('kv_heads', 'head_dim'))(x_BTD, deterministic)
     if m.qk_norm:
-      norm = lambda name: RMSNorm(m.norm_eps, m.norm_plus_one, _dtype(m.dtype), _dtype(m.param_dtype), name=name)
-      q_BTHD, k_BTKD = norm('q_norm')(q_BTHD), norm('k_norm')(k_BTKD)
+      q_BTHD, k_BTKD = norm(m, 'q_norm')(q_BTHD), norm(m, 'k_norm')(k_BTKD)
     inv_freq = rope_inv_freq(m, rope_base, Dh, apply_scaling=True)
     if m.sliding_window and m.rope_local_base:
       # Local layers use their own base without the global layers' scaling (as Gemma 3 does).
@@ -314,7 +121,7 @@ class Attention(nn.Module):
       k_BTKD, v_BTKD, k_segment_BS, k_index_BS, q_index_BT = self._update_cache(
           k_BTKD, v_BTKD, segment_ids_BT)
       window = jnp.where(is_global, 0, m.sliding_window) if m.sliding_window else 0
-      mask_B1TS = attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
+      mask_B1TS = attention.attention_mask(q_index_BT, k_index_BS, segment_ids_BT, k_segment_BS, window)
       out_BTHD = attention.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, mask_B1TS,
                                                  softcap=m.attn_logit_softcap)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ('act_batch', 'act_length', 'act_heads', None))
@@ -346,48 +153,41 @@ class Attention(nn.Module):
     return key.value, value.value, segment.value, k_index_BS, q_index_BT
 
 
-class Mlp(nn.Module):
-  cfg: ml_collections.ConfigDict
-  lora: ml_collections.ConfigDict | None = None
+class Mlp(ModelPart):
+  """The gated MLP (SwiGLU, or GeGLU with model.mlp_activation gelu)."""
 
   @nn.compact
   def __call__(self, x_BTD: Array, deterministic: bool = True) -> Array:
     m, lora = self.cfg, self.lora
-    lin = lambda name, i, o, ia, oa: Linear(
-        i, o, ia, oa, init_std=m.init_std, dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype),
-        lora_rank=lora.lora_rank if lora else 0, lora_alpha=lora.lora_alpha if lora else 1.0,
-        lora_dropout=lora.lora_dropout if lora else 0.0,
-        lora_targets=tuple(lora.lora_targets) if lora else (), name=name)
-    gate_BTF = lin('wi_0', (m.d_model,), (m.mlp_dim,), ('embed',), ('mlp',))(x_BTD, deterministic)
-    up_BTF = lin('wi_1', (m.d_model,), (m.mlp_dim,), ('embed',), ('mlp',))(x_BTD, deterministic)
+    gate_BTF = linear(m, lora, 'wi_0', (m.d_model,), (m.mlp_dim,), ('embed',), ('mlp',))(
+        x_BTD, deterministic)
+    up_BTF = linear(m, lora, 'wi_1', (m.d_model,), (m.mlp_dim,), ('embed',), ('mlp',))(
+        x_BTD, deterministic)
     if m.mlp_activation == 'silu':
       act_BTF = nn.silu(gate_BTF)
     else:
       act_BTF = nn.gelu(gate_BTF, approximate=(m.mlp_activation == 'gelu_tanh'))
     h_BTF = nn.with_logical_constraint(act_BTF * up_BTF, ('act_batch', 'act_length', 'act_mlp'))
-    return lin('wo', (m.mlp_dim,), (m.d_model,), ('mlp',), ('embed',))(h_BTF, deterministic)
+    return linear(m, lora, 'wo', (m.mlp_dim,), (m.d_model,), ('mlp',), ('embed',))(
+        h_BTF, deterministic)
 
 
-class Block(nn.Module):
+class Block(ModelPart):
   """Pre-norm block; Gemma 3 adds norms on the attention and MLP outputs."""
-  cfg: ml_collections.ConfigDict
-  lora: ml_collections.ConfigDict | None = None
-  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, layer_info, positions_BT, segment_ids_BT, deterministic=True):
     m = self.cfg
     is_global, rope_base = layer_info
-    norm = lambda name: RMSNorm(m.norm_eps, m.norm_plus_one, _dtype(m.dtype), _dtype(m.param_dtype), name=name)
-    h_BTD = Attention(m, self.lora, name='attn')(
-        norm('pre_attn_norm')(x_BTD), positions_BT, segment_ids_BT, is_global, rope_base,
-        deterministic, self.decode)
+    h_BTD = Attention(m, self.lora, self.decode, name='attn')(
+        norm(m, 'pre_attn_norm')(x_BTD), positions_BT, segment_ids_BT, is_global, rope_base,
+        deterministic)
     if m.post_attn_norm:
-      h_BTD = norm('post_attn_norm')(h_BTD)
+      h_BTD = norm(m, 'post_attn_norm')(h_BTD)
     x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
-    h_BTD = Mlp(m, self.lora, name='mlp')(norm('pre_mlp_norm')(x_BTD), deterministic)
+    h_BTD = Mlp(m, self.lora, name='mlp')(norm(m, 'pre_mlp_norm')(x_BTD), deterministic)
     if m.post_mlp_norm:
-      h_BTD = norm('post_mlp_norm')(h_BTD)
+      h_BTD = norm(m, 'post_mlp_norm')(h_BTD)
     x_BTD = x_BTD + h_BTD.astype(x_BTD.dtype)
     x_BTD = nn.with_logical_constraint(x_BTD, ('act_batch', 'act_length', 'act_embed'))
     return x_BTD, None
@@ -399,16 +199,13 @@ def _remat_policy(name: str):
   return None  # 'full': save nothing, recompute the whole block.
 
 
-class Transformer(nn.Module):
+class Transformer(ModelPart):
   """`__call__` returns float32 logits [B, T, V] (head='lm'), class logits [B, C]
   (head='classify'), the final hidden states [B, T, D] (head='hidden'), or all three
   (head='all', used at init so every head's parameters exist).
 
   positions_BT (default 0..T-1) count tokens within a row or document, so outside decoding
   they are in [0, T); a position outside gives NaN (see rope_cos_sin)."""
-  cfg: ml_collections.ConfigDict
-  lora: ml_collections.ConfigDict | None = None
-  decode: bool = False
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
@@ -427,8 +224,7 @@ class Transformer(nn.Module):
     x_BTD = nn.with_logical_constraint(x_BTD, ('act_batch', 'act_length', 'act_embed'))
 
     x_BTD = self._layers(x_BTD, positions_BT, segment_ids_BT, deterministic)
-    hidden_BTD = RMSNorm(m.norm_eps, m.norm_plus_one, _dtype(m.dtype), _dtype(m.param_dtype),
-                         name='final_norm')(x_BTD)
+    hidden_BTD = norm(m, 'final_norm')(x_BTD)
     outputs = {}
     if head in ('lm', 'all'):
       outputs['lm'] = self._lm_logits(hidden_BTD, embed)

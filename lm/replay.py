@@ -43,17 +43,23 @@ def replay_rows(batch_size: int, share: float) -> tuple[int, int]:
 
 
 def general_data(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The built-in general corpus, split as cfg.data splits it (all of its training documents)."""
+  """The built-in general corpus as a data section, split as cfg.data splits it: the
+  before/after report's general loss reads its validation split (lm.finetune), replay its
+  training split. The domain's validation files are not the general corpus's."""
   general = copy.deepcopy(cfg.data)
   general.update(source='builtin', builtin_subset='general', paths=(), prepared_dir='',
-                 mixture=(), train_fraction=1.0, num_epochs=0)  # Replay repeats forever.
+                 mixture=(), validation_paths=())
   return general
 
 
 def replay_config(cfg: ml_collections.ConfigDict, rows: int) -> ml_collections.ConfigDict:
   """The run's config with the replay source as its data section and `rows` rows a batch."""
   section = cfg.finetune.replay_data
-  source = general_data(cfg) if not section.source else copy.deepcopy(section)
+  if section.source:
+    source = copy.deepcopy(section)
+  else:
+    source = general_data(cfg)
+    source.update(train_fraction=1.0, num_epochs=0)  # All its training documents, forever.
   source.update(seq_len=cfg.data.seq_len, shard_count=cfg.data.shard_count, batch_size=rows)
   out = copy.deepcopy(cfg)
   out.data = source

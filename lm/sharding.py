@@ -89,9 +89,13 @@ def abstract_and_shardings(init_fn: Callable, mesh: Mesh, rules, *args):
   return nn.meta.unbox(boxed), shardings
 
 
-def init_sharded(init_fn: Callable, mesh: Mesh, rules, *args):
-  """Runs init_fn under jit with out_shardings: every array is born sharded, never whole."""
-  _, shardings = abstract_and_shardings(init_fn, mesh, rules, *args)
+def init_sharded(init_fn: Callable, mesh: Mesh, rules, *args, shardings=None):
+  """Runs init_fn under jit with out_shardings: every array is born sharded, never whole.
+
+  shardings: the params' shardings when the caller has them (lm.build), else derived here.
+  """
+  if shardings is None:
+    _, shardings = abstract_and_shardings(init_fn, mesh, rules, *args)
   with activate(mesh, rules):
     boxed = jax.jit(init_fn, out_shardings=shardings)(*args)
   return nn.meta.unbox(boxed), shardings

@@ -24,6 +24,7 @@ from lm import flops
 from lm import loss as loss_lib
 from lm import model as model_lib
 from lm import selection
+from lm import sharding as sharding_lib
 from lm.optim import global_norm
 
 
@@ -198,37 +199,40 @@ def state_shardings(params_shardings, tx, abstract_train_flat, train_shardings_f
                     rng=replicated)
 
 
-def create_train_state(model: nn.Module, tx, trainable, mesh, rules, *, seed: int,
-                       seq_len: int, num_classes: int = 0, params=None):
-  """A sharded TrainState: fresh params (born sharded) or the given ones placed on the mesh.
-
-  Returns (state, state_shardings).
-  """
-  from lm import sharding as sharding_lib  # Local import keeps step.py free of mesh code paths.
-
-  rng = jax.random.key(seed)
-  params_rng, state_rng = jax.random.split(rng)
-  abstract_params, params_shardings = sharding_lib.abstract_and_shardings(
-      init_fn(model, seq_len, num_classes), mesh, rules, params_rng)
+def init_train_state(init: Callable, tx, trainable, shardings: TrainState, mesh, rules, *,
+                     seed: int, params=None) -> TrainState:
+  """A TrainState laid out as `shardings` (lm.build's state_shardings): fresh params (born
+  sharded) from init(rng), or the given ones placed on the mesh."""
+  params_rng, state_rng = jax.random.split(jax.random.key(seed))
   if params is None:
-    params, _ = sharding_lib.init_sharded(init_fn(model, seq_len, num_classes), mesh, rules,
-                                          params_rng)
+    params, _ = sharding_lib.init_sharded(init, mesh, rules, params_rng,
+                                          shardings=shardings.params)
   else:
-    params = jax.device_put(params, params_shardings)
-  abstract_flat = model_lib.flatten_params(abstract_params)
-  shardings_flat = model_lib.flatten_params(params_shardings)
+    params = jax.device_put(params, shardings.params)
   trainable = selection.as_selection(trainable)
-  abstract_train = selection.take(abstract_flat, trainable)
-  # A stacked slice keeps its leaf's sharding: the layer axis is never sharded.
-  train_shardings = {p: shardings_flat[p] for p in trainable}
-  shardings = state_shardings(params_shardings, tx, abstract_train, train_shardings, mesh)
   flat = model_lib.flatten_params(params)
   opt_state = jax.jit(lambda f: tx.init(selection.take(f, trainable)),
                       out_shardings=shardings.opt_state)({p: flat[p] for p in trainable})
   # Born on the mesh under jit: device_put cannot target devices of other processes.
   step0, state_rng = jax.jit(lambda r: (jnp.zeros((), jnp.int32), r),
                              out_shardings=(shardings.step, shardings.rng))(state_rng)
-  state = TrainState(step=step0, params=params, opt_state=opt_state, rng=state_rng)
+  return TrainState(step=step0, params=params, opt_state=opt_state, rng=state_rng)
+
+
+def create_train_state(model: nn.Module, tx, trainable, mesh, rules, *, seed: int,
+                       seq_len: int, num_classes: int = 0, params=None):
+  """(state, state_shardings) of a bare model, without a config (tests); a run takes its
+  shardings from lm.build and calls init_train_state (Built.init_state)."""
+  init = init_fn(model, seq_len, num_classes)
+  abstract_params, params_shardings = sharding_lib.abstract_and_shardings(
+      init, mesh, rules, jax.random.key(seed))
+  trainable = selection.as_selection(trainable)
+  shardings_flat = model_lib.flatten_params(params_shardings)
+  # A stacked slice keeps its leaf's sharding: the layer axis is never sharded.
+  shardings = state_shardings(
+      params_shardings, tx, selection.take(model_lib.flatten_params(abstract_params), trainable),
+      {p: shardings_flat[p] for p in trainable}, mesh)
+  state = init_train_state(init, tx, trainable, shardings, mesh, rules, seed=seed, params=params)
   return state, shardings
 
 

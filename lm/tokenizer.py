@@ -39,6 +39,7 @@ import numpy as np
 import sentencepiece as spm
 
 from lm import config as config_lib
+from lm import files, hf_tokenizer
 
 TOKENIZER_FILE = 'tokenizer.model'
 
@@ -95,21 +96,13 @@ class Tokenizer:
   @classmethod
   def load(cls, path) -> 'Tokenizer':
     """A SentencePiece .model, or (by content) a tokenizer.json: lm.hf_tokenizer.HFTokenizer."""
-    path = epath.Path(path)
-    if not path.exists():
-      raise FileNotFoundError(f'no tokenizer model at {path}')
-    data = path.read_bytes()
-    if data.lstrip()[:1] == b'{':  # JSON, never a SentencePiece proto.
-      from lm import hf_tokenizer  # Keeps the `tokenizers` extension off SentencePiece runs.
+    data = files.read_bytes(path, 'tokenizer model')
+    if hf_tokenizer.is_hf_tokenizer(data):  # JSON, never a SentencePiece proto.
       return hf_tokenizer.HFTokenizer.from_bytes(data, path)
     return cls(data)
 
   def save(self, path) -> None:
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f'.{path.name}.tmp'
-    tmp.write_bytes(self._proto)
-    tmp.replace(path)  # Atomic on local disks: a crash never leaves half a model.
+    files.write_bytes(path, self._proto)
 
 
 # --------------------------------------------------------------------------- training

@@ -216,7 +216,7 @@ def test_validation_paths_replace_the_hash_split(files, tok, tmp_path):
 
 
 def test_train_and_finetune_evaluate_on_validation_paths(files, tmp_path):
-  from lm import finetune, loop
+  from lm import finetune, run as run_lib
   held = write_jsonl(tmp_path / 'held.jsonl', make_texts(10, seed=50))
   cfg = make_cfg(source='jsonl', paths=tuple(files), validation_paths=(held,))
   for key, value in {'d_model': 32, 'n_layers': 1, 'n_heads': 2, 'n_kv_heads': 1,
@@ -225,8 +225,8 @@ def test_train_and_finetune_evaluate_on_validation_paths(files, tmp_path):
   cfg.tokenizer.vocab_size, cfg.tokenizer.byte_fallback = 150, False
   cfg.mesh.data, cfg.mesh.fsdp, cfg.data.batch_size = 8, 1, 8
   for is_finetune in (False, True):
-    run = loop.build_run(cfg, tmp_path / f'run{is_finetune}', is_finetune=is_finetune)
-    batches = list(loop.make_iterator(run, 'validation'))
+    run = run_lib.build_run(cfg, tmp_path / f'run{is_finetune}', is_finetune=is_finetune)
+    batches = list(run_lib.make_iterator(run, 'validation'))
     docs = [d[1:-1] for d in docs_of(batches, run.tokenizer.bos_id)]
     assert sorted(docs) == sorted(tuple(run.tokenizer.encode(t)) for t in make_texts(10, seed=50))
   # The before/after report's general loss reads the general corpus, not the domain's files.

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from lm import checkpoint, config, finetune, lora, loop, optim, step
+from lm import run as run_lib
+from lm.evaluate import macro_f1
 from lm import model as model_lib
 from helpers import host_params, random_batch, tiny_config, tiny_model_cfg
 
@@ -169,7 +171,7 @@ def test_classification_head_learns_a_separable_task():
   assert float(metrics['accuracy']) == 1.0
   out = jax.jit(step.make_eval_step(model, task='classify'))(state.params, batch)
   assert np.array_equal(out['predictions'], labels)
-  assert loop.macro_f1(np.asarray(out['predictions']), labels, 2) == 1.0
+  assert macro_f1(np.asarray(out['predictions']), labels, 2) == 1.0
 
 
 # --------------------------------------------------------------------------- restore and e2e
@@ -198,15 +200,15 @@ def test_restore_errors_name_the_problem(pretrained, tmp_path):
     checkpoint.load_params(tmp_path / 'empty')
   cfg = finetune_config(pretrained)
   cfg.model.mlp_dim = 96  # Not what was trained: a shape mismatch naming both shapes.
-  run = loop.build_run(cfg, tmp_path / 'ft', is_finetune=True)
+  run = run_lib.build_run(cfg, tmp_path / 'ft', is_finetune=True)
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'shape mismatch layers_0/mlp/wi_0/kernel: checkpoint \(64, 128\), model \(64, 96\)'):
-    loop.initial_params(run)
+    run_lib.initial_params(run)
   cfg = finetune_config(pretrained, **{'model.num_classes': 3})
   cfg.finetune.task = 'classify'
-  run = loop.build_run(cfg, tmp_path / 'ft2', is_finetune=True)
+  run = run_lib.build_run(cfg, tmp_path / 'ft2', is_finetune=True)
   with pytest.raises(checkpoint.CheckpointError, match='missing cls_head/kernel'):
-    loop.initial_params(run)
+    run_lib.initial_params(run)
 
 
 def test_finetune_with_frozen_embeddings_reports_what_changed(pretrained, tmp_path):

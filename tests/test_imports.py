@@ -98,11 +98,16 @@ def test_lm_has_no_import_cycles():
   assert not found, f'import cycles in lm/: {[sorted(c) for c in found]}'
 
 
-def test_the_cycle_finder_finds_a_cycle_through_function_level_imports():
+def test_the_cycle_finder_finds_a_cycle_through_function_level_imports(tmp_path):
   assert cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [{'a', 'b', 'c'}]
   assert cycles({'a': {'b'}, 'b': set()}) == []
   graph = import_graph()
-  assert 'lm.checkpoint' in graph['lm.loop'] and 'lm.generate' in graph['lm.loop']  # Local.
+  assert 'lm.checkpoint' in graph['lm.loop'] and 'lm.evaluate' in graph['lm.loop']
+  assert 'lm.loop' not in graph['lm.evaluate']  # Evaluation takes its run from lm.run.
+  source = tmp_path / 'probe.py'
+  source.write_text('import os\n\ndef f():\n  from lm import generate\n  from lm.data import stats\n')
+  assert imported_lm_modules(str(source), 'lm.probe', lm_modules()) == {'lm.generate',
+                                                                          'lm.data.stats'}
 
 
 def test_no_test_module_imports_another():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import config, model as model_lib, optim, sharding, step
+from lm import config, layers, model as model_lib, optim, sharding, step
 from helpers import host_params, random_batch, tiny_model_cfg
 
 
@@ -138,9 +138,9 @@ def test_chunked_attention_equals_one_block(overrides, chunk):
 
 def test_rope_table_gives_the_angles_computed_per_token():
   positions = np.random.default_rng(3).integers(0, 64, (4, 32)).astype(np.int32)
-  inv_freq = model_lib.rope_inv_freq(config.model_config(), 500_000.0, 16, apply_scaling=True)
-  per_token = model_lib.rope_cos_sin(jnp.asarray(positions), inv_freq)
-  from_table = model_lib.rope_cos_sin(jnp.asarray(positions), inv_freq, table_len=64)
+  inv_freq = layers.rope_inv_freq(config.model_config(), 500_000.0, 16, apply_scaling=True)
+  per_token = layers.rope_cos_sin(jnp.asarray(positions), inv_freq)
+  from_table = layers.rope_cos_sin(jnp.asarray(positions), inv_freq, table_len=64)
   for want, got in zip(per_token, from_table):
     assert got.shape == (4, 32, 1, 8)
     np.testing.assert_array_equal(got, want)

@@ -22,7 +22,8 @@ import time
 import numpy as np
 import pytest
 
-from lm import checkpoint, corpus, loop
+from lm import checkpoint, corpus
+from lm.run import preflight_workdir
 from lm import model as model_lib
 from lm.config import ConfigError
 from helpers import TINY_OVERRIDES
@@ -379,12 +380,12 @@ def test_unwritable_or_full_workdir_is_caught_before_compilation(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
   with pytest.raises(ConfigError, match='is not writable'):
-    loop.preflight_workdir(blocker / 'run')
+    preflight_workdir(blocker / 'run')
   with pytest.raises(ConfigError, match='is not writable'):
-    loop.preflight_workdir('/proc/lm_run')  # Not writable even for root.
+    preflight_workdir('/proc/lm_run')  # Not writable even for root.
   free_mb = shutil.disk_usage(tmp_path).free / 2**20
   with pytest.raises(ConfigError, match=r'MB free \(need at least'):
-    loop.preflight_workdir(tmp_path / 'full', min_free_mb=int(free_mb) + 1024)
+    preflight_workdir(tmp_path / 'full', min_free_mb=int(free_mb) + 1024)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import grain
 import numpy as np
 import pytest
 
-from lm import config, data, replay
+from lm import config, data, finetune, replay
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError
 
@@ -138,6 +138,13 @@ def test_default_source_is_general_split_like_the_general_eval(cfg):
   assert (source.source, source.builtin_subset) == ('builtin', 'general')
   assert source.validation_share == 0.1 and source.train_fraction == 1.0
   assert source.batch_size == 2 and source.seq_len == cfg.data.seq_len
+  # The domain's validation files are not the general corpus's: replay and the report's general
+  # loss split it by its own hash, so replay never trains on what that loss reads.
+  cfg.data.validation_paths = ('domain_validation.jsonl',)
+  source = replay.replay_config(cfg, 2).data
+  assert source.validation_paths == () and source.validation_share == 0.1
+  general = finetune.general_config(cfg).data
+  assert general.validation_paths == () and general.builtin_subset == 'general'
 
 
 def test_bad_settings_name_the_key(cfg, tok, tmp_path):
@@ -158,7 +165,7 @@ def test_bad_settings_name_the_key(cfg, tok, tmp_path):
 
 
 def test_finetune_with_replay_checkpoints_both_positions_and_reports_the_tradeoff(cfg, tmp_path):
-  from lm import finetune, loop
+  from lm import loop
   cfg.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64)
   cfg.tokenizer.update(model_type='bpe', vocab_size=120, byte_fallback=False)
   cfg.train.update(steps=2, eval_every=0, eval_batches=1, checkpoint_every=1, sample_tokens=0)

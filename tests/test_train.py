@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from lm import checkpoint, config, loop
+from lm import checkpoint, config, evaluate, loop
+from lm.run import build_run
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, load_config_file, losses,
                      sigterm_at_step, tiny_config, train_env)
 
@@ -64,16 +65,16 @@ def test_checkpoint_restores_on_another_mesh_with_the_same_loss(straight_run, tm
 def test_warm_start_gives_the_source_runs_eval_loss_at_step_zero(straight_run, tmp_path):
   straight_dir, _ = straight_run
   source = tiny_config()
-  run = loop.build_run(source, straight_dir, is_finetune=False)
+  run = build_run(source, straight_dir, is_finetune=False)
   params = checkpoint.load_params(straight_dir, run.abstract_params)
-  source_eval = loop.evaluate(run, loop.make_eval_fn(run), params)
+  source_eval = evaluate.evaluate(run, evaluate.make_eval_fn(run), params)
 
   cfg = tiny_config(**{'train.steps': 1, 'train.eval_every': 1})
   cfg.train.init_from = str(straight_dir)
   captured = {}
 
   def at_start(new_run, eval_fn, start_params):
-    captured.update(loop.evaluate(new_run, eval_fn, start_params))
+    captured.update(evaluate.evaluate(new_run, eval_fn, start_params))
 
   loop.train(cfg, tmp_path / 'warm', on_start=at_start)
   np.testing.assert_allclose(captured['loss'], source_eval['loss'], rtol=1e-6)

@@ -26,8 +26,16 @@ import shutil
 import time
 from typing import Any, Callable, Iterable
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lm import checkpoint
+from lm import config as lm_config
+from lm import model as lm_model
+from lm import tokenizer as lm_tokenizer
+from lm.convert import streamed
 from lm.errors import UserError
 
 CONVERTER_VERSION = 2  # Bump when the output of a conversion changes, to invalidate caches.
@@ -92,9 +100,6 @@ def _on_device(params_flat: dict[str, Any]) -> dict[str, Any]:
   """Moves arrays to jax one at a time, emptying `params_flat` as it goes: Orbax saves numpy
   arrays through extra host copies (+1.4 GB for Gemma 3 270M) but jax arrays without.
   StreamedTensors stay as they are: Orbax produces and writes them one at a time."""
-  import jax
-
-  from lm.convert import streamed
   streamed.register()
   return {k: v if isinstance(v, streamed.StreamedTensor) else jax.device_put(v)
           for k, v in ((k, params_flat.pop(k)) for k in list(params_flat))}
@@ -126,12 +131,6 @@ def source_shape(layout: str, lm_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def expected_shapes(model_cfg) -> dict[str, tuple[int, ...]]:
   """Every parameter path of the (unscanned, LoRA-free) model and its shape, without allocating."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
-  from lm import model as lm_model
-
   model = lm_model.build_model(model_cfg)
   tokens = jnp.zeros((1, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))['params']
@@ -173,13 +172,22 @@ def is_cached(out_dir: str | os.PathLike, fp: dict[str, Any]) -> bool:
     return False
 
 
+def fingerprint_unless_cached(out_dir: str | os.PathLike, files: Iterable[str | os.PathLike],
+                              options: dict[str, Any], source, force: bool,
+                              log: Callable) -> dict[str, Any] | None:
+  """The conversion's fingerprint, or None (said in a log line) when out_dir holds its output."""
+  fp = fingerprint(files, options)
+  if not force and is_cached(out_dir, fp):
+    log(f'{out_dir}: up to date with {source}; nothing to do')
+    return None
+  return fp
+
+
 # --------------------------------------------------------------------------- writing
 
 
 def lm_config_for(model_cfg, tokenizer_path: str | None, ckpt_dir: pathlib.Path):
   """A full lm config: base defaults with the imported model, its tokenizer and restore_from."""
-  from lm import config as lm_config
-
   cfg = lm_config.base_config()
   cfg.model = model_cfg
   cfg.name = ckpt_dir.parent.name
@@ -206,7 +214,6 @@ def config_file_text(cfg, source: str) -> str:
 
 def tokenizer_size(tokenizer_path: str) -> int:
   """Vocabulary size of a SentencePiece model or tokenizer.json (lm.tokenizer picks which)."""
-  from lm import tokenizer as lm_tokenizer
   try:
     return lm_tokenizer.Tokenizer.load(tokenizer_path).vocab_size
   except (ValueError, RuntimeError, OSError) as e:  # What both libraries raise on a bad file.
@@ -230,9 +237,6 @@ def write_converted(out_dir: str | os.PathLike, params_flat: dict[str, Any], mod
   a time while Orbax writes). `extra_files` (tokenizer_config.json, generation_config.json, ...)
   are copied beside the tokenizer, first, since the tokenizer reads its special tokens there.
   """
-  from lm import checkpoint
-  from lm import model as lm_model
-
   out = pathlib.Path(out_dir).resolve()
   out.mkdir(parents=True, exist_ok=True)
   (out / MANIFEST).unlink(missing_ok=True)  # Invalid until everything below is written.

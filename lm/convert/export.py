@@ -24,7 +24,10 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from lm.convert import ConvertError, source_shape, to_source_layout
+from lm import checkpoint, lora
+from lm import model as lm_model
+from lm import tokenizer as lm_tokenizer
+from lm.convert import ConvertError, resolve_checkpoint, source_shape, to_source_layout
 from lm.convert.families import (ARCHITECTURE, CONFIG_JSON, family_of_lm, hf_config_from_lm,
                                  tensor_table)
 from lm.convert.safetensors_io import remove_stale, write_streaming
@@ -78,7 +81,6 @@ class _ParamSource:
     module = path[:-len('/kernel')] if path.endswith('/kernel') else None
     if module is None or not self.has(f'{module}/lora_a'):
       return self._one(path)
-    from lm import lora
     kernel = self._one(path)
     tree = {'m': {'kernel': kernel, 'lora_a': self._one(f'{module}/lora_a'),
                   'lora_b': self._one(f'{module}/lora_b')}}
@@ -136,7 +138,6 @@ def _write_tokenizer(cfg, out: pathlib.Path, family: str):
   path = cfg.tokenizer.path
   if not path or not os.path.exists(path):
     return None
-  from lm import tokenizer as lm_tokenizer
   tok = lm_tokenizer.Tokenizer.load(path)
   src_dir = pathlib.Path(path).parent
   if hasattr(tok, 'save_pretrained'):  # tokenizer.json (lm.hf_tokenizer)
@@ -194,9 +195,6 @@ def export_params(flat: dict[str, Any], cfg: ml_collections.ConfigDict,
 def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                       dtype: str = 'bfloat16', log=print) -> pathlib.Path:
   """lm checkpoint (a run's, or a converted OUT_DIR) -> HF dir, one tensor in memory at a time."""
-  from lm import checkpoint
-  from lm.convert import resolve_checkpoint
-
   ckpt = resolve_checkpoint(ckpt_dir)
   directory, step = checkpoint.resolve(ckpt)
   _, problem = checkpoint.verify_step(directory / str(step))
@@ -216,8 +214,6 @@ def _read_params(step_dir: pathlib.Path, paths: list[str]) -> dict[str, np.ndarr
   """Only `paths` of a checkpoint's params, as numpy, whatever they were saved as."""
   import orbax.checkpoint as ocp
 
-  from lm import checkpoint
-  from lm import model as lm_model
 
   target = {'params': lm_model.unflatten_params({p: 0 for p in paths})}
   restore_args = {'params': lm_model.unflatten_params(

@@ -21,6 +21,8 @@ from typing import Any
 
 import ml_collections
 
+from lm import config as lm_config
+from lm import model as lm_model
 from lm.convert import ConvertError
 
 CONFIG_JSON = 'config.json'
@@ -148,8 +150,6 @@ def global_every_of(layer_types: list[str], where: str) -> int:
 
 def model_config_from_hf(hf: dict[str, Any], where: str = CONFIG_JSON) -> ml_collections.ConfigDict:
   """lm's model config for a Hugging Face config.json dict of a supported family."""
-  from lm import config as lm_config
-
   family = family_of(hf, where)
   m = lm_config.model_config()
   try:
@@ -306,8 +306,6 @@ def family_of_lm(m: ml_collections.ConfigDict) -> str:
 
 def hf_config_from_lm(m: ml_collections.ConfigDict, special_ids: dict | None = None) -> dict[str, Any]:
   """config.json for an lm model config, in transformers 5's keys plus the older rope keys."""
-  from lm import model as lm_model
-
   family = family_of_lm(m)
   model_type, arch = ARCHITECTURE[family]
   hf = {

@@ -23,8 +23,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from lm import config as lm_config
 from lm.convert import (ConvertError, check_complete, check_tokenizer_fits, checked_to_lm,
-                        expected_shapes, fingerprint, is_cached, write_converted)
+                        expected_shapes, fingerprint_unless_cached, spm, write_converted)
 
 GGUF_MAGIC = b'GGUF'
 SUPPORTED_ARCHITECTURES = ('llama', 'gemma3')
@@ -160,8 +161,6 @@ def _f32(value: float) -> float:
 
 
 def model_config_from_gguf(reader, source: str) -> ml_collections.ConfigDict:
-  from lm import config as lm_config
-
   arch = architecture_of(reader, source)
   tensors = {t.name: t for t in reader.tensors}
 
@@ -243,8 +242,6 @@ def load_gguf_params(reader, source: str, m: ml_collections.ConfigDict | None = 
 
 def tokenizer_from_gguf(reader, source: str) -> bytes:
   """A serialized SentencePiece model rebuilt from the GGUF vocabulary (see lm.convert.spm)."""
-  from lm.convert import spm
-
   kind = metadata(reader, 'tokenizer.ggml.model')
   if kind is None:
     raise ConvertError(f"{source}: no tokenizer metadata ('tokenizer.ggml.model'); "
@@ -273,17 +270,16 @@ def tokenizer_from_gguf(reader, source: str) -> bytes:
 def convert_gguf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: str | None = None,
                  no_tokenizer: bool = False, force: bool = False, log=print):
   """GGUF file -> lm output directory (checkpoint, tokenizer, config). Cached."""
-  from lm.convert import spm
-
   src = pathlib.Path(src).resolve()
   if not src.is_file():
     raise ConvertError(f'{src}: GGUF file does not exist')
   if tokenizer:
     spm.check_model_file(tokenizer)
   files = [src] + ([pathlib.Path(tokenizer)] if tokenizer else [])
-  fp = fingerprint(files, {'kind': 'gguf', 'tokenizer': tokenizer, 'no_tokenizer': no_tokenizer})
-  if not force and is_cached(out_dir, fp):
-    log(f'{out_dir}: up to date with {src}; nothing to do')
+  fp = fingerprint_unless_cached(
+      out_dir, files, {'kind': 'gguf', 'tokenizer': tokenizer, 'no_tokenizer': no_tokenizer},
+      src, force, log)
+  if fp is None:
     return None
   start = time.perf_counter()
   reader = open_reader(src)

@@ -18,7 +18,6 @@ Export (lm -> HF) lives in lm.convert.export; its names are re-exported here.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pathlib
 import time
@@ -28,13 +27,15 @@ import ml_collections
 import numpy as np
 
 from lm.convert import (ConvertError, check_complete, check_source_shape, check_tokenizer_fits,
-                        expected_shapes, fingerprint, is_cached, to_lm_layout, write_converted)
+                        expected_shapes, fingerprint_unless_cached, spm, to_lm_layout,
+                        write_converted)
 from lm.convert.families import (CONFIG_JSON, FAMILY_OF_MODEL_TYPE, family_of, family_of_lm,  # noqa: F401
                                  global_every_of, hf_config_from_lm, model_config_from_hf,
                                  tensor_table)
 from lm.convert.export import export_checkpoint, export_params  # noqa: F401
 from lm.convert.safetensors_io import INDEX_JSON, SafetensorsDir
 from lm.convert.streamed import StreamedTensor
+from lm.files import read_json
 
 # Files beside the weights that describe the tokenizer and generation; copied on import.
 TOKENIZER_SIDE_FILES = ('tokenizer_config.json', 'chat_template.jinja', 'generation_config.json',
@@ -50,10 +51,7 @@ def read_hf_config(src: pathlib.Path) -> dict[str, Any]:
     raise ConvertError(f'{src}: not a directory (expected a Hugging Face model directory)')
   if not path.exists():
     raise ConvertError(f'{path}: missing (a Hugging Face model directory has config.json)')
-  try:
-    hf = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ConvertError(f'{path}: not valid JSON ({e})') from None
+  hf = read_json(path, ConvertError)
   if hf.get('model_type') == 'gemma3' and 'text_config' in hf:
     # The multimodal Gemma 3 checkpoint: we import its language model only.
     hf = {**hf['text_config'], 'model_type': 'gemma3_text', '_multimodal': True}
@@ -162,10 +160,10 @@ def convert_hf(src: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: st
   if tokenizer_src:
     check_tokenizer_fits(tokenizer_src, m.vocab_size)
   files = hf_source_files(src) + side + ([pathlib.Path(tokenizer_src)] if tokenizer_src else [])
-  fp = fingerprint(files, {'kind': 'hf', 'tokenizer': tokenizer_src, 'no_tokenizer': no_tokenizer,
-                           'dtype': dtype})
-  if not force and is_cached(out_dir, fp):
-    log(f'{out_dir}: up to date with {src}; nothing to do')
+  fp = fingerprint_unless_cached(out_dir, files, {'kind': 'hf', 'tokenizer': tokenizer_src,
+                                                  'no_tokenizer': no_tokenizer, 'dtype': dtype},
+                                 src, force, log)
+  if fp is None:
     return None
   start = time.perf_counter()
   params, m = plan_hf_params(src, dtype)
@@ -185,12 +183,10 @@ def _tokenizer_source(src: pathlib.Path, tokenizer: str | None, no_tokenizer: bo
     if not path.exists():
       raise ConvertError(f'--tokenizer={tokenizer}: no such file')
     if path.suffix != '.json':
-      from lm.convert import spm
       spm.check_model_file(str(path))
     return str(path)
   candidate = src / 'tokenizer.model'
   if candidate.exists():
-    from lm.convert import spm
     spm.check_model_file(str(candidate))
     return str(candidate.resolve())
   if (src / 'tokenizer.json').exists():

@@ -28,6 +28,7 @@ def _main(argv: Sequence[str]) -> None:
     raise SystemExit(f"usage: python -m lm.data {{{','.join(COMMANDS)}}} --config=configs/X.py")
   try:
     if argv[1] == 'memory':
+      # Imported here, as _run_command's are: prepare's spawned workers re-import this module.
       from lm.data import scale_bench  # pylint: disable=import-outside-toplevel
       scale_bench.main(flags.FLAGS)
       return
@@ -53,8 +54,9 @@ def _run_command(command: str, cfg, f) -> None:
     workdir = str(corpus.cache_dir() / 'data_cli' / hashlib.sha256(key.encode()).hexdigest()[:16])
   if command == 'prepare' and (f.tasks > 1 or f.merge):
     # Tasks must share one tokenizer: train it once first (`tokenizer`), never per task.
-    from lm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-    from etils import epath  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel  (not in spawned workers: see above)
+    from lm import tokenizer as tokenizer_lib
+    from etils import epath
     if not cfg.tokenizer.path and not (epath.Path(workdir) / tokenizer_lib.TOKENIZER_FILE).exists():
       raise DataError(f'prepare --tasks/--merge: no tokenizer in {workdir}; run `python -m '
                       'lm.data tokenizer` with the same flags first, so every task shares it')

@@ -59,22 +59,33 @@ class NearDuplicates:
     return False
 
 
+def screen(record: Record, d, task: str, stats: DataStats, seen: set[bytes] | None = None,
+           near: NearDuplicates | None = None) -> bytes | None:
+  """Counts `record` as read; its content hash if it passes the quality filters and, with
+  `seen` (data.dedup) / `near`, de-duplication (the hash joins `seen`); else None, with the
+  reason counted in stats.filtered."""
+  stats.read += 1
+  text = filter_text(record)
+  reason = quality_reason(text, d, task)
+  digest = content_hash(record)
+  if reason is None and seen is not None and d.dedup and digest in seen:
+    reason = 'duplicate'
+  if reason is None and near is not None and near.seen(text):
+    reason = 'near_duplicate'
+  if reason is not None:
+    stats.filtered[reason] += 1
+    return None
+  if seen is not None:
+    seen.add(digest)
+  return digest
+
+
 def filter_records(records: Iterable[Record], d, task: str, stats: DataStats) -> list[Record]:
   """Applies quality filters and de-duplication, in source order; fills group from content."""
   seen, near, kept = set(), (NearDuplicates(d.near_dedup_threshold) if d.near_dedup else None), []
   for record in records:
-    stats.read += 1
-    text = filter_text(record)
-    reason = quality_reason(text, d, task)
-    digest = content_hash(record)
-    if reason is None and d.dedup and digest in seen:
-      reason = 'duplicate'
-    if reason is None and near is not None and near.seen(text):
-      reason = 'near_duplicate'
-    if reason is not None:
-      stats.filtered[reason] += 1
-      continue
-    seen.add(digest)
-    kept.append(record if record.group else record._replace(group=digest.hex()))
+    digest = screen(record, d, task, stats, seen, near)
+    if digest is not None:
+      kept.append(record if record.group else record._replace(group=digest.hex()))
   return kept
 

@@ -29,7 +29,7 @@ from etils import epath
 import numpy as np
 
 from lm.data import dedup
-from lm.data.filters import content_hash, filter_text, quality_reason
+from lm.data.filters import content_hash, filter_text, screen
 from lm.data.prepared import PREPARED_FORMAT, PREPARED_META, shard_name
 from lm.data.sources import check_data_config, components, label_sort_key, validation_component
 from lm.data.split import split_rank
@@ -96,10 +96,7 @@ def _tokenize_unit(job) -> dict:
     batch.clear()
 
   for record in unit.read(task, d, on_error):
-    stats.read += 1
-    reason = quality_reason(filter_text(record), d, task)
-    if reason is not None:
-      stats.filtered[reason] += 1
+    if screen(record, d, task, stats) is None:  # Duplicates are dropped across units, later.
       continue
     batch.append(record)
     if len(batch) == _TOKENIZE_BATCH:

@@ -66,14 +66,21 @@ def _field_keys(task: str) -> tuple[str, ...]:
           'chat': ('data.messages_field',)}[task]
 
 
+def _required(obj: dict, field: str, key: str, where, on_error: OnError):
+  """obj[field], or None (after on_error, naming the config key) when it is missing or null."""
+  value = obj.get(field)
+  if value is None:
+    on_error('missing_field', where, f"no field '{field}' (config key {key})")
+  return value
+
+
 def _chat_record(obj: dict, d, where, on_error: OnError) -> Record | None:
   """Task 'chat': the messages list (a list, or a JSON string of one: Parquet string columns),
   checked here so a bad conversation is reported with its file and line like any bad field."""
   field = d.messages_field
-  if field not in obj or obj[field] is None:
-    on_error('missing_field', where, f"no field '{field}' (config key data.messages_field)")
+  messages = _required(obj, field, 'data.messages_field', where, on_error)
+  if messages is None:
     return None
-  messages = obj[field]
   if isinstance(messages, str):
     try:
       messages = json.loads(messages)
@@ -98,10 +105,9 @@ def record_from_object(obj, task: str, d, where: str, on_error: OnError) -> Reco
     return _chat_record(obj, d, where, on_error)
   values = []
   for field, key in zip(_fields_for(task, d), _field_keys(task)):
-    if field not in obj or obj[field] is None:
-      on_error('missing_field', where, f"no field '{field}' (config key {key})")
+    value = _required(obj, field, key, where, on_error)
+    if value is None:
       return None
-    value = obj[field]
     is_label = task == 'classify' and key == 'data.label_field'
     if is_label and isinstance(value, (int, bool)):
       value = str(int(value))

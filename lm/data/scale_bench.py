@@ -23,6 +23,10 @@ import time
 
 import numpy as np
 
+from lm import config
+from lm import tokenizer as tokenizer_lib
+from lm.data import measure, pipeline, prepare_job
+
 _VOCAB = 4000
 _CHILD = 'from lm.data import scale_bench as b; b.child(*__import__("sys").argv[1:])'
 
@@ -52,7 +56,6 @@ def write_corpus(path: str, megabytes: int, seed: int = 0) -> int:
 
 
 def _config(corpus: str, prepared: str, tokenizer_path: str, *, seq_len=1024, batch=32):
-  from lm import config  # pylint: disable=import-outside-toplevel
   cfg = config.base_config()
   cfg.data.source, cfg.data.paths, cfg.data.prepared_dir = 'jsonl', (corpus,), prepared
   cfg.data.seq_len, cfg.data.batch_size, cfg.data.validation_share = seq_len, batch, 0.01
@@ -62,8 +65,6 @@ def _config(corpus: str, prepared: str, tokenizer_path: str, *, seq_len=1024, ba
 
 def child(mode: str, corpus: str, prepared: str, tokenizer_path: str, workers: str = '1') -> None:
   """Runs one measurement in this (fresh) process and prints a JSON line."""
-  from lm import tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
-  from lm.data import measure, pipeline, prepare_job  # pylint: disable=import-outside-toplevel
   tok = tokenizer_lib.Tokenizer.load(tokenizer_path)
   start = time.perf_counter()
   result = {}
@@ -101,7 +102,6 @@ def _measure(*args: str) -> dict:
 
 
 def main(flags) -> None:
-  from lm import config, tokenizer as tokenizer_lib  # pylint: disable=import-outside-toplevel
   sizes = [int(s) for s in flags.sizes_mb]
   worker_counts = [int(w) for w in flags.worker_counts]
   scratch = flags.scratch

@@ -19,7 +19,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from lm.data.filters import content_hash, filter_text, quality_reason
+from lm.data.filters import screen
 from lm.data.sources import Record
 from lm.data.split import split_rank
 from lm.data.stats import DataError, DataStats, OnError
@@ -47,15 +47,9 @@ def unit_records(unit: Unit, task: str, d, split: str, selector: SplitSelector,
   """Kept records of one unit and split, with group and rank filled; counts into `stats`."""
   on_error, seen = OnError(d.on_error, stats), set()
   for record in unit.read(task, d, on_error):
-    stats.read += 1
-    reason = quality_reason(filter_text(record), d, task)
-    digest = content_hash(record)
-    if reason is None and d.dedup and digest in seen:
-      reason = 'duplicate'
-    if reason is not None:
-      stats.filtered[reason] += 1
+    digest = screen(record, d, task, stats, seen)
+    if digest is None:
       continue
-    seen.add(digest)
     group = record.group or digest.hex()
     rank = split_rank(group)
     explicit_validation = selector.explicit and split == 'validation'

@@ -10,7 +10,8 @@ from typing import Any
 
 from lm.sweep.spec import Plot, Sweep, Table
 from lm.sweep.state import DONE, metric_value, read_json, read_metrics, stage_metrics, status
-from lm.sweep.state import summarize_metrics, write_json
+from lm.files import write_json
+from lm.sweep.state import summarize_metrics
 from lm.sweep.trials import Trial
 
 
@@ -120,6 +121,13 @@ def _plt():
   return plt
 
 
+def _save(plt, fig, path: str) -> None:
+  """Every figure of a sweep report: tight layout, 110 dpi; closed, so a long report frees it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_loss_curves(trials: list[Trial], path: str, max_lines: int = 6) -> dict:
   """train/loss (lines) and eval/loss (dots) against step: one panel per stage, or one per
   trial for a stage of more than `max_lines` trials."""
@@ -161,9 +169,7 @@ def plot_loss_curves(trials: list[Trial], path: str, max_lines: int = 6) -> dict
   for ax in list(axes.flat)[len(panels):]:
     ax.axis('off')
   fig.suptitle('train loss (lines) and validation loss (dots)', fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, path)
   return series
 
 
@@ -217,9 +223,7 @@ def plot_metric(rows: list[dict], plot: Plot, path: str) -> dict:
       ax.legend(fontsize=8, title=None if plot.lines.startswith('_') else plot.lines or None)
     ax.set_title(plot.title or f'{plot.labels.get(y, y)}', fontsize=10)
     out[y] = lines
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(plt, fig, path)
   return out
 
 

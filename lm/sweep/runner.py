@@ -11,10 +11,11 @@ import sys
 import time
 
 from lm.config import ConfigError
+from lm.files import write_json
 from lm.sweep.report import fmt, fmt_seconds, is_number
 from lm.sweep.spec import ROOT, Sweep
 from lm.sweep.state import (DONE, LOG, TRIAL_FILE, all_sources, collect, evaluated, metric_value,
-                            read_json, stage_metrics, status, trained, write_json)
+                            read_json, stage_metrics, status, trained)
 from lm.sweep.trials import Trial
 
 

@@ -140,10 +140,7 @@ class Sweep:
 
 def load_sweep(spec: str) -> Sweep:
   """`path.py` or `path.py:arg` -> the Sweep its get_sweep() returns."""
-  path, _, arg = spec.partition(':')
-  resolved = resolve_file(path)
-  if resolved is None:
-    raise ConfigError(f'--sweep: no such sweep file {path!r}')
+  resolved, path, arg = resolve_spec(spec, '--sweep', 'sweep')
   module = load_module(resolved, 'lm_sweep_file')
   if not hasattr(module, 'get_sweep'):
     raise ConfigError(f'--sweep: {path} defines no get_sweep()')
@@ -152,6 +149,16 @@ def load_sweep(spec: str) -> Sweep:
     raise ConfigError(f'--sweep: {path}: get_sweep() must return lm.sweep.Sweep, '
                       f'got {type(sweep).__name__}')
   return sweep
+
+
+def resolve_spec(spec: str, where: str, what: str) -> tuple[str, str, str]:
+  """`path.py` or `path.py:arg` -> (absolute file, path, arg); a missing file is a ConfigError
+  naming `where` (the flag or trial) and `what` kind of file it should be."""
+  path, _, arg = spec.partition(':')
+  resolved = resolve_file(path)
+  if resolved is None:
+    raise ConfigError(f'{where}: no such {what} file {path!r}')
+  return resolved, path, arg
 
 
 def resolve_file(path: str) -> str | None:

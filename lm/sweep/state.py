@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from lm import data
+from lm import data, files
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError
 from lm.errors import UserError
@@ -29,25 +29,8 @@ def read_json(path: str) -> dict | None:
   A file that exists but does not parse is an error, never 'no record': reading it as absent
   would re-run a finished trial or forget a failed one's history.
   """
-  try:
-    with open(path) as f:
-      text = f.read()
-  except FileNotFoundError:
-    return None
-  except OSError as e:
-    raise SweepStateError(f'{path}: cannot read ({e.strerror or e})') from None
-  try:
-    return json.loads(text)
-  except ValueError as e:
-    raise SweepStateError(f'{path}: not valid JSON ({e}); delete the file to re-run or '
-                          f're-collect that trial') from None
-
-
-def write_json(path: str, obj) -> None:
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=1, default=str)
-  os.replace(tmp, path)
+  return files.read_json(path, SweepStateError,
+                         'delete the file to re-run or re-collect that trial')
 
 
 def final_checkpoint_exists(trial: Trial) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 
 from lm import config as config_lib
 from lm.config import ConfigError
-from lm.sweep.spec import RESERVED, SCRIPTS, Sampler, Stage, Sweep, load_module, resolve_file
+from lm.sweep.spec import RESERVED, SCRIPTS, Sampler, Stage, Sweep, load_module, resolve_spec
 
 
 
@@ -151,10 +151,7 @@ _CONFIG_CACHE: dict[str, Any] = {}
 
 
 def load_base_config(spec: str, where: str):
-  path, _, arg = spec.partition(':')
-  resolved = resolve_file(path)
-  if resolved is None:
-    raise ConfigError(f'{where}: no such config file {path!r}')
+  resolved, _, arg = resolve_spec(spec, where, 'config')
   if spec not in _CONFIG_CACHE:
     module = load_module(resolved, 'lm_sweep_base_config')
     _CONFIG_CACHE[spec] = module.get_config(arg) if arg else module.get_config()
