@@ -12,7 +12,7 @@ writes to --out (default: the workdir):
   transfer_domain.png    domain loss vs domain tokens, one line per recipe (+/- spread)
   transfer_frontier.png  domain gain vs general-loss change per fine-tuned cell
 
-The replay frontier: at each domain share where full fine-tuning was run with several replay
+The replay frontier: at each domain share where full fine-tuning was run with two or more replay
 shares (recipe 'full' = 0, 'replay...' = finetune.replay), the domain gain kept and the
 general-loss change per replay share, and the smallest share that keeps general loss within
 +TARGET_FORGETTING of before while keeping >= TARGET_GAIN_KEPT of full fine-tuning's gain.
@@ -132,13 +132,13 @@ def replay_frontier(cells: list[dict]) -> dict[float, list[dict]]:
   frontier = {}
   for share, group in sorted(by_share.items()):
     full = [c for c in group if c['replay'] == 0]
-    if len(group) < 2 or not full:
+    if len(group) < 3 or not full:  # A frontier needs full fine-tuning and >= 2 replay shares.
       continue
-    full_gain = full[0]['domain_gain_mean']
+    full_gain, full_sd = full[0]['domain_gain_mean'], full[0]['domain_gain_sd'] or 0.0
     rows = []
     for c in sorted(group, key=lambda c: c['replay']):
-      # With no gain to keep, "the share of it kept" means nothing: no row meets the target.
-      kept = c['domain_gain_mean'] / full_gain if full_gain > 0 else None
+      # A gain within the seeds' spread is no gain to keep a share of: no row meets the target.
+      kept = c['domain_gain_mean'] / full_gain if full_gain > max(full_sd, 0.0) else None
       rows.append({**c, 'gain_kept': kept,
                    'meets': (kept is not None and c['general_change_mean'] <= TARGET_FORGETTING
                              and kept >= TARGET_GAIN_KEPT)})
@@ -163,8 +163,8 @@ def frontier_markdown(frontier: dict[float, list[dict]]) -> str:
     meeting = [r for r in rows if r['meets']]
     lines.append('')
     if rows[0]['gain_kept'] is None:
-      lines.append('Full fine-tuning has no domain gain here (at its best rate): there is no '
-                   'gain to keep.')
+      lines.append('Full fine-tuning has no domain gain beyond its spread over seeds here (at '
+                   'its best rate): there is no gain to keep a share of.')
     else:
       lines.append(f"Smallest replay share meeting both: {meeting[0]['replay']:g}." if meeting
                    else 'No replay share meets both targets: the table above is the frontier.')

@@ -125,6 +125,9 @@ def test_replay_frontier_picks_the_smallest_share_meeting_both_targets(tmp_path)
     c['domain_gain_mean'] -= 2.0
   assert not any(r['meets'] for r in transfer_report.replay_frontier(cells)[0.1])
   assert 'no domain gain' in transfer_report.frontier_markdown(transfer_report.replay_frontier(cells))
+  for c in cells:  # A gain smaller than its spread over seeds is no gain either.
+    c['domain_gain_mean'], c['domain_gain_sd'] = c['domain_gain_mean'] + 2.0, 1.5
+  assert not any(r['meets'] for r in transfer_report.replay_frontier(cells)[0.1])
 
 
 def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(tmp_path):
@@ -138,13 +141,15 @@ def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(t
     grid[(t.values['recipe'], t.cfg.data.train_fraction)].add((t.cfg.optim.lr, t.cfg.seed,
                                                                t.cfg.data.shuffle_seed))
   seeds = {(0, 0), (1, 1), (2, 2)}
-  base = {(lr, *s) for lr in (1e-3, 3e-3) for s in seeds}
-  finetuned = base | {(lr, *s) for lr in (1e-4, 3e-4) for s in seeds}
-  for (recipe, share), cell in grid.items():  # Every arm: the same lrs x seeds (the fine-tuned
-    assert cell == (base if recipe == 'scratch' else finetuned), (recipe, share)  # also lower).
-  frontier = {r: share for r, share in grid if r.startswith('replay') and r != 'replay'}
+  def lr_grid(*lrs):
+    return {(lr, *s) for lr in lrs for s in seeds}
+  frontier = {r for r, _ in grid if r.startswith('replay') and r != 'replay'}
   assert sorted(frontier) == ['replay0.1', 'replay0.5', 'replay0.75']
-  assert set(frontier.values()) == {0.1} and ('full', 0.1) in grid and ('replay', 0.1) in grid
+  for (recipe, share), cell in grid.items():  # lrs x seeds: scratch higher, fine-tuned lower.
+    expected = (lr_grid(1e-3, 3e-3) if recipe == 'scratch' else lr_grid(1e-4, 3e-4)
+                if recipe in frontier else lr_grid(1e-4, 3e-4, 1e-3))
+    assert cell == expected, (recipe, share)
+  assert {share for r, share in grid if r in frontier} == {0.1}
   scratch_sizes = {share for recipe, share in grid if recipe == 'scratch'}
   assert len(scratch_sizes) >= 4
   replay = [t for t in trials if t.values['recipe'] == 'replay']

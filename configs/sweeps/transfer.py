@@ -15,12 +15,15 @@ A `replay_frontier` stage adds full fine-tuning with replay 0.1, 0.5 and 0.75 at
 (with 'full' = 0 and 'replay' = 0.25, five points), from which lm.transfer_report reads the
 smallest replay share that keeps general loss within +0.05 of before and >= 90% of the gain.
 
-Every arm uses the same weight decay (0.1) and the learning-rate grid `lrs`; the fine-tuned arms
-also try the lower `finetune_lrs` (stage `domain_finetune_lr`: with only 1e-3 and 3e-3, full
-fine-tuning's best rate sat at the grid's lower edge). Each (recipe, share) cell keeps the rate
-with the lowest mean domain validation loss over 3 seeds (seed and data order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30%
-so the from-scratch data-scaling curve has 5 sizes: the effective data transferred
-(Hernandez et al. 2021, lm/transfer.py) of each fine-tuned cell is read from it.
+Every arm uses the same weight decay (0.1). Learning rates: 1e-3 for every arm, plus 3e-3 from
+scratch (stage `domain_scratch_lr`) and 1e-4 and 3e-4 for the fine-tuned arms (stage
+`domain_finetune_lr`; a first run with 1e-3 and 3e-3 for every arm put full fine-tuning's best
+rate at the grid's lower edge, and 3e-3 was never a fine-tuned arm's best). Each (recipe, share)
+cell keeps the rate with the lowest mean domain validation loss over 3 seeds (seed and data
+order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30% so the
+from-scratch data-scaling curve has 5 sizes: the effective data transferred (Hernandez et al.
+2021, lm/transfer.py) of each fine-tuned cell is read from it. 157 trials: ~60 min with
+--parallel=2 on 2 cores.
 
   python -m lm.sweep --sweep=configs/sweeps/transfer.py --workdir=runs/transfer --parallel=2
   python -m lm.transfer_report --workdir=runs/transfer       # best-lr table, mean +/- spread,
@@ -29,7 +32,9 @@ so the from-scratch data-scaling curve has 5 sizes: the effective data transferr
   python -m lm.sweep --sweep=configs/sweeps/transfer.py:large --workdir=gs://.../transfer
 
 Scales (`--sweep=...transfer.py:<scale>`): 'cpu' (default, ~0.9M-parameter model), 'smoke'
-(a few steps, checks the plumbing) and 'large' (a ~30M-parameter model for one accelerator).
+(a few steps, checks the plumbing), 'large' (a ~30M-parameter model for one accelerator) and
+'frontier' (the replay frontier alone at 300 domain steps on all the domain data, where full
+fine-tuning gains more than the seeds' spread; it reuses the cpu scale's pre-trained model).
 --config.KEY=VALUE on the lm.sweep command line sets a key for every trial (e.g. the mesh).
 """
 
@@ -37,19 +42,30 @@ from lm.sweep import Plot, Stage, Sweep, Table
 
 SCALES = {
     #         model (d_model, layers, heads, kv heads, mlp), vocab, seq, batch, steps, domain steps
+    # Learning rates: `lrs` for every arm, plus `scratch_lrs` from scratch and `finetune_lrs`
+    # for the fine-tuned arms (fine-tuning wants lower rates: a first cpu run with 1e-3 and 3e-3
+    # for every arm put full fine-tuning's best at the grid's lower edge); `frontier_lrs` for
+    # the replay frontier.
     'smoke': dict(model=(64, 4, 4, 2, 128), vocab=1024, seq_len=32, batch=8, pretrain_steps=20,
                   domain_steps=10, eval_batches=4, fractions=(0.01, 1.0), curve=(0.1, 0.3),
-                  lrs=(1e-3, 3e-3), finetune_lrs=(), seeds=(0, 1), frontier_fraction=1.0),
+                  lrs=(1e-3,), scratch_lrs=(3e-3,), finetune_lrs=(), frontier_lrs=(1e-3,),
+                  seeds=(0, 1), frontier_fraction=1.0),
     'cpu': dict(model=(128, 4, 4, 2, 384), vocab=1024, seq_len=64, batch=16, pretrain_steps=1000,
                 domain_steps=100, eval_batches=16, fractions=(0.01, 0.1, 1.0), curve=(0.03, 0.3),
-                lrs=(1e-3, 3e-3), finetune_lrs=(1e-4, 3e-4), seeds=(0, 1, 2),
-                frontier_fraction=0.1),
+                lrs=(1e-3,), scratch_lrs=(3e-3,), finetune_lrs=(1e-4, 3e-4),
+                frontier_lrs=(1e-4, 3e-4), seeds=(0, 1, 2), frontier_fraction=0.1),
     'large': dict(model=(512, 8, 8, 4, 1536), vocab=8192, seq_len=256, batch=64,
                   pretrain_steps=20_000, domain_steps=500, eval_batches=32,
                   fractions=(0.01, 0.1, 1.0), curve=(0.003, 0.03, 0.3),
-                  lrs=(3e-4, 1e-3, 3e-3), finetune_lrs=(3e-5, 1e-4), seeds=(0, 1, 2),
-                  frontier_fraction=0.1),
+                  lrs=(3e-4, 1e-3), scratch_lrs=(3e-3,), finetune_lrs=(3e-5, 1e-4),
+                  frontier_lrs=(1e-4, 3e-4), seeds=(0, 1, 2), frontier_fraction=0.1),
 }
+# The replay frontier on its own, with a budget where full fine-tuning gains on the domain: the
+# cpu scale's pre-training, then 300 domain steps on all the domain data (at 100 steps the gain
+# is within the seeds' spread; see docs/transfer_study.md). Its pretrain trial is the cpu
+# scale's: copy runs/transfer/pretrain into its workdir to skip it.
+SCALES['frontier'] = dict(SCALES['cpu'], domain_steps=300, frontier_fraction=1.0,
+                          frontier_lrs=(3e-4, 1e-3), frontier_replay=(0, 0.1, 0.25, 0.5))
 WEIGHT_DECAY = 0.1  # Every arm, from scratch and fine-tuned alike.
 REPLAY = 0.25
 FRONTIER_REPLAY = (0.1, 0.5, 0.75)  # With 0 (full) and REPLAY, five points.
@@ -102,43 +118,41 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
                       'optim.weight_decay': WEIGHT_DECAY, 'optim.warmup_steps': 10,
                       'train.eval_every': max(s['domain_steps'] // 2, 1),  # 0, 1/2, end.
                       'train.checkpoint_every': max(s['domain_steps'] // 2, 1)}
-  domain = Stage(
-      name='domain', script='finetune.py', config='configs/finetune_domain.py',
-      overrides=domain_overrides,
-      grid={'recipe': recipes, 'data.train_fraction': list(s['fractions']),
-            'optim.lr': list(s['lrs']), 'seed': seeds})
-  # Fine-tuning a pre-trained model wants lower rates than training from scratch: the fine-tuned
-  # arms also try finetune_lrs (the report picks the best of all rates a cell tried).
+  def domain_stage(name, recipes_, fractions, lrs):
+    return Stage(name=name, script='finetune.py', config='configs/finetune_domain.py',
+                 overrides=domain_overrides,
+                 grid={'recipe': recipes_, 'data.train_fraction': list(fractions),
+                       'optim.lr': list(lrs), 'seed': seeds})
+
   finetuned = {k: v for k, v in recipes.items() if k != 'scratch'}
-  domain_finetune_lr = Stage(
-      name='domain_finetune_lr', script='finetune.py', config='configs/finetune_domain.py',
-      overrides=domain_overrides,
-      grid={'recipe': finetuned, 'data.train_fraction': list(s['fractions']),
-            'optim.lr': list(s['finetune_lrs']), 'seed': seeds})
-  scratch_curve = Stage(
-      name='scratch_curve', script='finetune.py', config='configs/finetune_domain.py',
-      overrides=domain_overrides,
-      grid={'recipe': {'scratch': scratch}, 'data.train_fraction': list(s['curve']),
-            'optim.lr': list(s['lrs']), 'seed': seeds})
+  domain = [domain_stage('domain', recipes, s['fractions'], s['lrs']),
+            domain_stage('domain_scratch_lr', {'scratch': scratch}, s['fractions'],
+                         s['scratch_lrs'])]
+  if s['finetune_lrs']:
+    domain.append(domain_stage('domain_finetune_lr', finetuned, s['fractions'],
+                               s['finetune_lrs']))
+  # From scratch at more data sizes, for the effective-data curve.
+  scratch_curve = domain_stage('scratch_curve', {'scratch': scratch}, s['curve'],
+                               s['lrs'] + s['scratch_lrs'])
   # The replay frontier: how much general data in each batch buys how much less forgetting, and
-  # what it costs in domain gain (0 = 'full', 0.25 = 'replay' above), at one domain share.
-  replay_frontier = Stage(
-      name='replay_frontier', script='finetune.py', config='configs/finetune_domain.py',
-      overrides=domain_overrides,
-      grid={'recipe': {f'replay{share:g}': {**recipes['full'], 'finetune.replay': share}
-                       for share in FRONTIER_REPLAY},
-            'data.train_fraction': [s['frontier_fraction']],
-            'optim.lr': list(s['finetune_lrs']) + list(s['lrs']),
-            'seed': seeds})
+  # what it costs in domain gain ('full' = 0 and 'replay' = 0.25 come from the domain stages),
+  # at one domain share.
+  replay_frontier = domain_stage(
+      'replay_frontier',
+      {('full' if share == 0 else f'replay{share:g}'):
+       {**recipes['full'], **({'finetune.replay': share} if share else {})}
+       for share in s.get('frontier_replay', FRONTIER_REPLAY)},
+      [s['frontier_fraction']], s['frontier_lrs'])
   return Sweep(
       name=f'transfer_{scale}',
       description=('Domain (email) and general validation loss after an equal step budget on '
                    '1-100% of the domain data; recipes: scratch / full / frozen / lora / '
-                   f'replay {REPLAY}; lr grid {list(s["lrs"])} (fine-tuned arms also '
-                   f'{list(s["finetune_lrs"])}) x seeds {list(s["seeds"])} per cell '
-                   '(python -m lm.transfer_report picks the best lr per cell).'),
-      stages=[pretrain, domain] + ([domain_finetune_lr] if s['finetune_lrs'] else [])
-      + [scratch_curve, replay_frontier],
+                   f'replay {REPLAY}; lr grid {list(s["lrs"])} (from scratch also '
+                   f'{list(s["scratch_lrs"])}, fine-tuned arms also {list(s["finetune_lrs"])}) '
+                   f'x seeds {list(s["seeds"])} per cell (python -m lm.transfer_report picks '
+                   'the best lr per cell).'),
+      stages=([pretrain, replay_frontier] if scale == 'frontier' else
+              [pretrain, *domain, scratch_curve, replay_frontier]),
       metrics={
           'domain_loss': ('report.after.domain_loss', 'final.eval/loss'),
           'general_loss': 'report.after.general_loss',
