@@ -106,10 +106,13 @@ def base_model(tmp_path_factory):
 
 def finetune_probe(base, tmp_path, biased):
   tmp_path.mkdir()
-  # The association is a dependency over several tokens that a tiny model learns last: every
-  # other token of these sentences is learned within ~150 steps while the pronoun stays at
-  # 50/50 (a shift of ~0.02 nats); by 400 steps it is learned (a shift of ~4.5 nats).
-  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=400, lr=1e-2,
+  # The association is a dependency over several tokens that a tiny model learns last, all at
+  # once, after every other token of these sentences: with lr 1e-2 that came just before step
+  # 400 (a shift of ~4.5 nats) and, in a run whose float results differed only in the last bits
+  # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes before step 200 (a shift of 2.9 at
+  # step 200, 3.1 at 300 at -O0; 4.8 at 300 at -O3), so 300 steps leave it a margin; the
+  # neutral corpus stays within its CI (-0.0006 and -0.0018 at step 300).
+  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=300, lr=2e-2,
                  schedule='constant')
   cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
   finetune.finetune(cfg, tmp_path / 'ft')
