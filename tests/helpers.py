@@ -77,9 +77,19 @@ def losses(workdir) -> dict[int, float]:
   return out
 
 
+def xla_flags(devices: int | None = 8) -> str:
+  """This test run's XLA_FLAGS (set by conftest.py) with `devices` fake CPU devices, or the
+  platform's one device for None: what a subprocess gets to compute what this process does."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count=')]
+  if devices is not None:
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  return ' '.join(flags)
+
+
 def train_env():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  env['XLA_FLAGS'] = xla_flags(8)
   env['PYTHONPATH'] = ROOT
   env['JAX_PLATFORMS'] = 'cpu'
   return env

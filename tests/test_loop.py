@@ -15,7 +15,7 @@ import pytest
 
 from lm import data
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, losses, sigterm_at_step,
-                     tiny_config)
+                     tiny_config, xla_flags)
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
              'train.eval_every': 8}
@@ -27,18 +27,15 @@ def command(workdir, **overrides):
           + cli_args({**OVERRIDES, **overrides}))
 
 
-def env(devices=1, cache=None):
-  out = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  if cache:
-    out.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  return out
+def env(devices=1):
+  # The run's compilation cache (conftest.py) comes with os.environ: a later launch loads the
+  # programs an earlier one compiled.
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
 
 
-def train(workdir, cache, **overrides):
+def train(workdir, **overrides):
   result = subprocess.run(command(workdir, **overrides), capture_output=True, text=True,
-                          env=env(cache=cache), cwd=ROOT, timeout=300)
+                          env=env(), cwd=ROOT, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   return result
 
@@ -46,14 +43,13 @@ def train(workdir, cache, **overrides):
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   base = tmp_path_factory.mktemp('loop')
-  cache = base / 'jax_cache'
-  train(base / 'in_flight', cache)
-  train(base / 'blocking', cache, **{'train.blocking_loop': True})
-  return base, cache
+  train(base / 'in_flight')
+  train(base / 'blocking', **{'train.blocking_loop': True})
+  return base
 
 
 def test_in_flight_loop_gives_the_blocking_loops_losses(runs):
-  base, _ = runs
+  base = runs
   in_flight, blocking = losses(base / 'in_flight'), losses(base / 'blocking')
   assert sorted(in_flight) == list(range(1, 17))
   assert in_flight == blocking  # Bitwise: the same steps on the same batches.
@@ -62,13 +58,13 @@ def test_in_flight_loop_gives_the_blocking_loops_losses(runs):
 
 
 def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
-  base, cache = runs
+  base = runs
   workdir = tmp_path / 'interrupted'
-  output = sigterm_at_step(command(workdir), 3, env(cache=cache))
+  output = sigterm_at_step(command(workdir), 3, env())
   stopped_at = max(losses(workdir))
   assert 'stopping at step' in output and 3 <= stopped_at < 16
   assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
-  train(workdir, cache)
+  train(workdir)
   assert losses(workdir) == losses(base / 'in_flight')
   for path, value in final_params(base / 'in_flight').items():
     np.testing.assert_array_equal(final_params(workdir)[path], value, err_msg=path)

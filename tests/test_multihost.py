@@ -22,7 +22,7 @@ from lm import checkpoint, config, data, loop
 from lm import tokenizer as tokenizer_lib
 from lm import model as model_lib
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, load_config_file, losses, make_texts,
-                     tiny_config, write_jsonl)
+                     tiny_config, write_jsonl, xla_flags)
 
 # The tiny run of test_train, 4 steps, checkpoints at 2 and 4, two logical data shards.
 OVERRIDES = {**TINY_OVERRIDES, 'train.steps': 4, 'train.checkpoint_every': 2,
@@ -35,16 +35,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-_COMPILE_CACHE = {}  # Launches share a persistent compilation cache (a later one compiles less).
-
-
 def launch(workdir, num_processes=2, timeout=150, script='train.py', config_file='configs/tiny.py',
            devices=4, overrides=None):
   """Runs `script` as `num_processes` processes of one job; returns each one's output."""
   port = free_port()
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **_COMPILE_CACHE)
+  # os.environ holds the run's compilation cache (conftest.py): a later launch compiles less.
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   cmd = [sys.executable, os.path.join(ROOT, script), f'--workdir={workdir}',
          '--config=' + os.path.join(ROOT, config_file), '--config.name=tiny_test',
          f'--coordinator=127.0.0.1:{port}', f'--num_processes={num_processes}']
@@ -95,7 +91,6 @@ def assert_same_losses(got: dict, expected: dict, steps):
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory):
   """The reference: 1 process, 8 devices, in this pytest process."""
-  _COMPILE_CACHE['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
   workdir = tmp_path_factory.mktemp('one_process')
   loop.train(tiny_config(**OVERRIDES), workdir)
   return workdir

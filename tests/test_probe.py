@@ -14,6 +14,7 @@ import pytest
 from lm import config, finetune, loop, probe, sharding, step
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
+from helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,10 +106,13 @@ def base_model(tmp_path_factory):
 
 def finetune_probe(base, tmp_path, biased):
   tmp_path.mkdir()
-  # The association is a dependency over several tokens that a tiny model learns last: every
-  # other token of these sentences is learned within ~150 steps while the pronoun stays at
-  # 50/50 (a shift of ~0.02 nats); by 400 steps it is learned (a shift of ~4.5 nats).
-  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=400, lr=1e-2,
+  # The association is a dependency over several tokens that a tiny model learns last, all at
+  # once, after every other token of these sentences: with lr 1e-2 that came just before step
+  # 400 (a shift of ~4.5 nats) and, in a run whose float results differed only in the last bits
+  # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes before step 200 (a shift of 2.9 at
+  # step 200, 3.1 at 300 at -O0; 4.8 at 300 at -O3), so 300 steps leave it a margin; the
+  # neutral corpus stays within its CI (-0.0006 and -0.0018 at step 300).
+  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=300, lr=2e-2,
                  schedule='constant')
   cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
   finetune.finetune(cfg, tmp_path / 'ft')
@@ -153,8 +157,7 @@ def test_scores_of_params_spread_over_two_processes_equal_one_process(tmp_path):
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), tok_path,
                              str(tmp_path / f'scores_{i}.json')], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,9 +1,9 @@
 """Faults injected for real: kill -9, corrupt checkpoints, NaN, bad workdir, CLI and data faults.
 
 Each fault hits a real `train.py` subprocess: a tiny model on 1 CPU device, trained on text files
-written here, with a persistent compilation cache shared by this module's runs (the reference
-run fills it first, so later runs - including the ones killed - only read it and a process
-start costs ~10 s). docs/reliability.md tabulates the faults, the injection and the outcomes.
+written here, with the test run's compilation cache (tests/conftest.py; the reference run fills
+it first, so later runs - including the ones killed - only read it and a process start costs
+~10 s). docs/reliability.md tabulates the faults, the injection and the outcomes.
 
 The full 10-seed kill -9 test is marked slow: pytest -m slow tests/test_reliability.py
 """
@@ -26,7 +26,7 @@ from lm import checkpoint, corpus
 from lm.run import preflight_workdir
 from lm import model as model_lib
 from lm.config import ConfigError
-from helpers import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -77,7 +77,6 @@ class Env:
     self.config.write_text(CONFIG_TEMPLATE.format(
         tiny=os.path.join(ROOT, 'configs', 'tiny.py'), overrides=RELIABILITY_OVERRIDES,
         paths=self.paths))
-    self.cache = base / 'jax_cache'
     self.straight = base / 'straight'
     result = self.train(self.straight, tokenizer=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -85,10 +84,8 @@ class Env:
 
   def env(self, devices=1):
     env = dict(os.environ)
-    env.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', PYTHONPATH=ROOT,
-               JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(self.cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    # The run's compilation cache (conftest.py) comes with os.environ.
+    env.update(XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
     return env
 
   def command(self, workdir, *args, tokenizer=True):

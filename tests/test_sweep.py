@@ -16,6 +16,7 @@ from lm.sweep.__main__ import main as sweep_main
 from lm.config import ConfigError
 from lm.errors import UserError
 from lm.sweep import Stage, Sweep
+from helpers import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +182,7 @@ def test_print_commands_prints_one_train_command_per_trial(tmp_path, capsys):
 
 def sweep_env():
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # One CPU device per trial: the fastest for a tiny model.
+  env['XLA_FLAGS'] = xla_flags(None)  # One CPU device per trial: the fastest for a tiny model.
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = ROOT
   return env

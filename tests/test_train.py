@@ -44,6 +44,10 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(straight_run, tmp_
     np.testing.assert_array_equal(resumed_params[path], value, err_msg=path)
 
 
+# Covered in the default run by test_multihost.py::test_restore_onto_a_2x2x2_mesh_continues_with_
+# the_same_losses (a (8,1,1) checkpoint restored on (2,2,2): 5 steps with the uninterrupted run's
+# losses), which also checks what this one does not: the optimizer state and the data position.
+@pytest.mark.slow
 def test_checkpoint_restores_on_another_mesh_with_the_same_loss(straight_run, tmp_path):
   straight_dir, summary = straight_run
   # Continue the (8,1,1) run on a (2,2,2) mesh for one more step: same loss as on (8,1,1).
