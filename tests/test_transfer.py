@@ -143,13 +143,13 @@ def test_study_arms_share_weight_decay_lr_grid_seeds_and_the_curve_has_4_sizes(t
   seeds = {(0, 0), (1, 1), (2, 2)}
   def lr_grid(*lrs):
     return {(lr, *s) for lr in lrs for s in seeds}
-  frontier = {r for r, _ in grid if r.startswith('replay') and r != 'replay'}
-  assert sorted(frontier) == ['replay0.1', 'replay0.5', 'replay0.75']
   for (recipe, share), cell in grid.items():  # lrs x seeds: scratch higher, fine-tuned lower.
-    expected = (lr_grid(1e-3, 3e-3) if recipe == 'scratch' else lr_grid(1e-4, 3e-4)
-                if recipe in frontier else lr_grid(1e-4, 3e-4, 1e-3))
+    expected = lr_grid(1e-3, 3e-3) if recipe == 'scratch' else lr_grid(1e-4, 3e-4, 1e-3)
     assert cell == expected, (recipe, share)
-  assert {share for r, share in grid if r in frontier} == {0.1}
+  frontier = sweep_lib.make_trials(sweep_lib.load_sweep('configs/sweeps/transfer.py:frontier'),
+                                   str(tmp_path / 'frontier'))
+  shares = {t.values['recipe']: t.cfg.finetune.replay for t in frontier if t.stage != 'pretrain'}
+  assert shares == {'full': 0.0, 'replay0.1': 0.1, 'replay0.25': 0.25, 'replay0.5': 0.5}
   scratch_sizes = {share for recipe, share in grid if recipe == 'scratch'}
   assert len(scratch_sizes) >= 4
   replay = [t for t in trials if t.values['recipe'] == 'replay']

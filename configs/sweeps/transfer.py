@@ -11,9 +11,9 @@ training documents (data.train_fraction: nested subsets):
   lora     finetune.py with rank-8 LoRA adapters on attention and MLP (base weights frozen)
   replay   full, with finetune.replay = 0.25 of every batch from the general corpus
 
-A `replay_frontier` stage adds full fine-tuning with replay 0.1, 0.5 and 0.75 at the 10% share
-(with 'full' = 0 and 'replay' = 0.25, five points), from which lm.transfer_report reads the
-smallest replay share that keeps general loss within +0.05 of before and >= 90% of the gain.
+The replay frontier has its own scale, 'frontier' (below): full fine-tuning with replay 0, 0.1,
+0.25 and 0.5 of every batch, from which lm.transfer_report reads the smallest replay share that
+keeps general loss within +0.05 of before and >= 90% of the domain gain.
 
 Every arm uses the same weight decay (0.1). Learning rates: 1e-3 for every arm, plus 3e-3 from
 scratch (stage `domain_scratch_lr`) and 1e-4 and 3e-4 for the fine-tuned arms (stage
@@ -22,7 +22,7 @@ rate at the grid's lower edge, and 3e-3 was never a fine-tuned arm's best). Each
 cell keeps the rate with the lowest mean domain validation loss over 3 seeds (seed and data
 order both change). A `scratch_curve` stage adds from-scratch runs at 3% and 30% so the
 from-scratch data-scaling curve has 5 sizes: the effective data transferred (Hernandez et al.
-2021, lm/transfer.py) of each fine-tuned cell is read from it. 157 trials: ~60 min with
+2021, lm/transfer.py) of each fine-tuned cell is read from it. 139 trials: ~55 min with
 --parallel=2 on 2 cores.
 
   python -m lm.sweep --sweep=configs/sweeps/transfer.py --workdir=runs/transfer --parallel=2
@@ -44,21 +44,18 @@ SCALES = {
     #         model (d_model, layers, heads, kv heads, mlp), vocab, seq, batch, steps, domain steps
     # Learning rates: `lrs` for every arm, plus `scratch_lrs` from scratch and `finetune_lrs`
     # for the fine-tuned arms (fine-tuning wants lower rates: a first cpu run with 1e-3 and 3e-3
-    # for every arm put full fine-tuning's best at the grid's lower edge); `frontier_lrs` for
-    # the replay frontier.
+    # for every arm put full fine-tuning's best at the grid's lower edge).
     'smoke': dict(model=(64, 4, 4, 2, 128), vocab=1024, seq_len=32, batch=8, pretrain_steps=20,
                   domain_steps=10, eval_batches=4, fractions=(0.01, 1.0), curve=(0.1, 0.3),
-                  lrs=(1e-3,), scratch_lrs=(3e-3,), finetune_lrs=(), frontier_lrs=(1e-3,),
-                  seeds=(0, 1), frontier_fraction=1.0),
+                  lrs=(1e-3,), scratch_lrs=(3e-3,), finetune_lrs=(), seeds=(0, 1)),
     'cpu': dict(model=(128, 4, 4, 2, 384), vocab=1024, seq_len=64, batch=16, pretrain_steps=1000,
                 domain_steps=100, eval_batches=16, fractions=(0.01, 0.1, 1.0), curve=(0.03, 0.3),
-                lrs=(1e-3,), scratch_lrs=(3e-3,), finetune_lrs=(1e-4, 3e-4),
-                frontier_lrs=(1e-4, 3e-4), seeds=(0, 1, 2), frontier_fraction=0.1),
+                lrs=(1e-3,), scratch_lrs=(3e-3,), finetune_lrs=(1e-4, 3e-4), seeds=(0, 1, 2)),
     'large': dict(model=(512, 8, 8, 4, 1536), vocab=8192, seq_len=256, batch=64,
                   pretrain_steps=20_000, domain_steps=500, eval_batches=32,
                   fractions=(0.01, 0.1, 1.0), curve=(0.003, 0.03, 0.3),
                   lrs=(3e-4, 1e-3), scratch_lrs=(3e-3,), finetune_lrs=(3e-5, 1e-4),
-                  frontier_lrs=(1e-4, 3e-4), seeds=(0, 1, 2), frontier_fraction=0.1),
+                  seeds=(0, 1, 2)),
 }
 # The replay frontier on its own, with a budget where full fine-tuning gains on the domain: the
 # cpu scale's pre-training, then 300 domain steps on all the domain data (at 100 steps the gain
@@ -68,7 +65,6 @@ SCALES['frontier'] = dict(SCALES['cpu'], domain_steps=300, frontier_fraction=1.0
                           frontier_lrs=(3e-4, 1e-3), frontier_replay=(0, 0.1, 0.25, 0.5))
 WEIGHT_DECAY = 0.1  # Every arm, from scratch and fine-tuned alike.
 REPLAY = 0.25
-FRONTIER_REPLAY = (0.1, 0.5, 0.75)  # With 0 (full) and REPLAY, five points.
 
 
 def get_sweep(scale: str = 'cpu') -> Sweep:
@@ -134,15 +130,16 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
   # From scratch at more data sizes, for the effective-data curve.
   scratch_curve = domain_stage('scratch_curve', {'scratch': scratch}, s['curve'],
                                s['lrs'] + s['scratch_lrs'])
-  # The replay frontier: how much general data in each batch buys how much less forgetting, and
-  # what it costs in domain gain ('full' = 0 and 'replay' = 0.25 come from the domain stages),
-  # at one domain share.
-  replay_frontier = domain_stage(
-      'replay_frontier',
-      {('full' if share == 0 else f'replay{share:g}'):
-       {**recipes['full'], **({'finetune.replay': share} if share else {})}
-       for share in s.get('frontier_replay', FRONTIER_REPLAY)},
-      [s['frontier_fraction']], s['frontier_lrs'])
+  stages = [pretrain, *domain, scratch_curve]
+  if scale == 'frontier':
+    # How much general data in each batch buys how much less forgetting, and what it costs in
+    # domain gain ('full' = replay 0), at one domain share.
+    stages = [pretrain, domain_stage(
+        'replay_frontier',
+        {('full' if share == 0 else f'replay{share:g}'):
+         {**recipes['full'], **({'finetune.replay': share} if share else {})}
+         for share in s['frontier_replay']},
+        [s['frontier_fraction']], s['frontier_lrs'])]
   return Sweep(
       name=f'transfer_{scale}',
       description=('Domain (email) and general validation loss after an equal step budget on '
@@ -151,8 +148,7 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
                    f'{list(s["scratch_lrs"])}, fine-tuned arms also {list(s["finetune_lrs"])}) '
                    f'x seeds {list(s["seeds"])} per cell (python -m lm.transfer_report picks '
                    'the best lr per cell).'),
-      stages=([pretrain, replay_frontier] if scale == 'frontier' else
-              [pretrain, *domain, scratch_curve, replay_frontier]),
+      stages=stages,
       metrics={
           'domain_loss': ('report.after.domain_loss', 'final.eval/loss'),
           'general_loss': 'report.after.general_loss',
