@@ -5,7 +5,8 @@
                              and the abstract optimizer state
 
 It is what the loop, the memory planner, the benchmark and fine-tuning each need;
-`built.init_state(params)` then makes the sharded train state. Fine-tuning is "a run with a
+`built.init_state(params)` then makes the sharded train state, `built.abstract_state()` its
+shapes and shardings (what a resume restores into). Fine-tuning is "a run with a
 finetune section" (`finetune_section`), not a flag; a caller that knows better (finetune.py, a
 LoRA checkpoint being decoded) says so with `finetune=`. `mesh` may be a concrete Mesh or an AbstractMesh (the
 memory planner plans for devices it does not have).
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -60,6 +62,15 @@ class Built:
     return step_lib.init_train_state(self.init_fn, self.tx, self.trainable, self.state_shardings,
                                      self.mesh, self.cfg.mesh.rules, seed=self.cfg.seed,
                                      params=params)
+
+  def abstract_state(self) -> step_lib.TrainState:
+    """The train state's shapes, dtypes and shardings, nothing allocated: what a restore reads
+    into and what the planner compiles for."""
+    shapes = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
+                                 params=self.abstract_params, opt_state=self.abstract_opt_state,
+                                 rng=jax.eval_shape(lambda: jax.random.key(0)))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, self.state_shardings)
 
   def trainable_params(self, params) -> dict[str, Any]:
     """{path: leaf or trained slice} of a params tree (concrete or abstract)."""

@@ -83,17 +83,13 @@ def _commit_saves_on_error(manager):
 
 def restore_or_init(run: Run, manager, train_iterator):
   """(state, shardings, resumed_from_step or None)."""
-  latest = manager.latest_step()
-  params = None if latest is not None else initial_params(run)
-  state, shardings = run.init_state(params), run.state_shardings
-  if latest is None:
-    return state, shardings, None
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  del state
-  # The newest intact step; a corrupt or truncated newer one is named in a warning and skipped.
-  state, latest = checkpoint.restore_latest(manager, abstract_state, data_iterator=train_iterator)
-  return state, shardings, latest
+  if manager.latest_step() is None:
+    return run.init_state(initial_params(run)), run.state_shardings, None
+  # Resuming: restored straight onto the mesh, never initialised first. The newest intact
+  # step; a corrupt or truncated newer one is named in a warning and skipped.
+  state, latest = checkpoint.restore_latest(manager, run.abstract_state(),
+                                            data_iterator=train_iterator)
+  return state, run.state_shardings, latest
 
 
 def train(cfg: ml_collections.ConfigDict, workdir, *, is_finetune: bool = False,

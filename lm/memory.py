@@ -200,24 +200,18 @@ def _drop_axes(axes, drop):
 def compiled_memory(cfg: ml_collections.ConfigDict, devices) -> dict[str, float] | None:
   """memory_analysis() of the train step compiled for `devices` (nothing is allocated)."""
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  s = abstract_state(cfg, mesh)
+  built = build.build(cfg, mesh)
   rules = cfg.mesh.rules
-  sh = s['state_shardings']
-  with_sharding = lambda x, shd: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd)
-  state = step_lib.TrainState(
-      step=with_sharding(jax.ShapeDtypeStruct((), jnp.int32), sh.step),
-      params=jax.tree.map(with_sharding, s['params'], sh.params),
-      opt_state=jax.tree.map(with_sharding, s['opt'], sh.opt_state),
-      rng=with_sharding(jax.eval_shape(lambda: jax.random.key(0)), sh.rng))
-  batch = {k: with_sharding(v, sharding.batch_sharding(mesh, rules, len(v.shape)))
-           for k, v in batch_specs(cfg, _task(cfg)).items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                   sharding=sharding.batch_sharding(mesh, rules, len(v.shape)))
+           for k, v in batch_specs(cfg, built.task).items()}
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(s['model'], s['tx'], s['schedule'], s['trainable'],
-                               task=_task(cfg), z_loss=cfg.train.z_loss,
+      step_lib.make_train_step(built.model, built.tx, built.schedule, built.trainable,
+                               task=built.task, z_loss=cfg.train.z_loss,
                                grad_accum=cfg.optim.grad_accum),
-      sh, jax.tree.map(lambda x: x.sharding, batch))
+      built.state_shardings, jax.tree.map(lambda x: x.sharding, batch))
   with sharding.activate(mesh, rules):
-    compiled = train_step.lower(state, batch).compile()
+    compiled = train_step.lower(built.abstract_state(), batch).compile()
   analysis = compiled.memory_analysis()
   if analysis is None:
     return None
