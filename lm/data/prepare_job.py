@@ -29,7 +29,7 @@ from etils import epath
 import numpy as np
 
 from lm.data import dedup
-from lm.data.filters import content_hash, filter_text, screen
+from lm.data.filters import filter_text, screen
 from lm.data.prepared import PREPARED_FORMAT, PREPARED_META, shard_name
 from lm.data.sources import check_data_config, components, label_sort_key, validation_component
 from lm.data.split import split_rank
@@ -76,13 +76,13 @@ def _tokenize_unit(job) -> dict:
   records_path = _unit_file(out_dir, index, 'records')
   tmp = records_path.parent / f'.{records_path.name}.tmp'
   writer = array_record_module.ArrayRecordWriter(str(tmp), 'group_size:1')
-  batch = []
+  batch = []  # (record, content hash) awaiting tokenization.
 
   def flush():
     nonlocal tokens
-    examples = tokenize_records(batch, tokenizer, task, template=template)
-    for record, (ids, aux) in zip(batch, examples):
-      digest = content_hash(record)
+    examples = tokenize_records([record for record, _ in batch], tokenizer, task,
+                                template=template)
+    for (record, digest), (ids, aux) in zip(batch, examples):
       label = record.label.encode('utf-8')
       text_bytes = len(filter_text(record).encode('utf-8'))
       rank = split_rank(record.group or digest.hex())
@@ -96,9 +96,10 @@ def _tokenize_unit(job) -> dict:
     batch.clear()
 
   for record in unit.read(task, d, on_error):
-    if screen(record, d, task, stats) is None:  # Duplicates are dropped across units, later.
+    digest = screen(record, d, task, stats)  # Duplicates are dropped across units, later.
+    if digest is None:
       continue
-    batch.append(record)
+    batch.append((record, digest))
     if len(batch) == _TOKENIZE_BATCH:
       flush()
   flush()
