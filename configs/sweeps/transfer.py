@@ -114,23 +114,13 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
                       'optim.weight_decay': WEIGHT_DECAY, 'optim.warmup_steps': 10,
                       'train.eval_every': max(s['domain_steps'] // 2, 1),  # 0, 1/2, end.
                       'train.checkpoint_every': max(s['domain_steps'] // 2, 1)}
+
   def domain_stage(name, recipes_, fractions, lrs):
     return Stage(name=name, script='finetune.py', config='configs/finetune_domain.py',
                  overrides=domain_overrides,
                  grid={'recipe': recipes_, 'data.train_fraction': list(fractions),
                        'optim.lr': list(lrs), 'seed': seeds})
 
-  finetuned = {k: v for k, v in recipes.items() if k != 'scratch'}
-  domain = [domain_stage('domain', recipes, s['fractions'], s['lrs']),
-            domain_stage('domain_scratch_lr', {'scratch': scratch}, s['fractions'],
-                         s['scratch_lrs'])]
-  if s['finetune_lrs']:
-    domain.append(domain_stage('domain_finetune_lr', finetuned, s['fractions'],
-                               s['finetune_lrs']))
-  # From scratch at more data sizes, for the effective-data curve.
-  scratch_curve = domain_stage('scratch_curve', {'scratch': scratch}, s['curve'],
-                               s['lrs'] + s['scratch_lrs'])
-  stages = [pretrain, *domain, scratch_curve]
   if scale == 'frontier':
     # How much general data in each batch buys how much less forgetting, and what it costs in
     # domain gain ('full' = replay 0), at one domain share.
@@ -140,6 +130,17 @@ def get_sweep(scale: str = 'cpu') -> Sweep:
          {**recipes['full'], **({'finetune.replay': share} if share else {})}
          for share in s['frontier_replay']},
         [s['frontier_fraction']], s['frontier_lrs'])]
+  else:
+    finetuned = {k: v for k, v in recipes.items() if k != 'scratch'}
+    stages = [pretrain, domain_stage('domain', recipes, s['fractions'], s['lrs']),
+              domain_stage('domain_scratch_lr', {'scratch': scratch}, s['fractions'],
+                           s['scratch_lrs'])]
+    if s['finetune_lrs']:
+      stages.append(domain_stage('domain_finetune_lr', finetuned, s['fractions'],
+                                 s['finetune_lrs']))
+    # From scratch at more data sizes, for the effective-data curve.
+    stages.append(domain_stage('scratch_curve', {'scratch': scratch}, s['curve'],
+                               s['lrs'] + s['scratch_lrs']))
   return Sweep(
       name=f'transfer_{scale}',
       description=('Domain (email) and general validation loss after an equal step budget on '
