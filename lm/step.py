@@ -219,23 +219,6 @@ def init_train_state(init: Callable, tx, trainable, shardings: TrainState, mesh,
   return TrainState(step=step0, params=params, opt_state=opt_state, rng=state_rng)
 
 
-def create_train_state(model: nn.Module, tx, trainable, mesh, rules, *, seed: int,
-                       seq_len: int, num_classes: int = 0, params=None):
-  """(state, state_shardings) of a bare model, without a config (tests); a run takes its
-  shardings from lm.build and calls init_train_state (Built.init_state)."""
-  init = init_fn(model, seq_len, num_classes)
-  abstract_params, params_shardings = sharding_lib.abstract_and_shardings(
-      init, mesh, rules, jax.random.key(seed))
-  trainable = selection.as_selection(trainable)
-  shardings_flat = model_lib.flatten_params(params_shardings)
-  # A stacked slice keeps its leaf's sharding: the layer axis is never sharded.
-  shardings = state_shardings(
-      params_shardings, tx, selection.take(model_lib.flatten_params(abstract_params), trainable),
-      {p: shardings_flat[p] for p in trainable}, mesh)
-  state = init_train_state(init, tx, trainable, shardings, mesh, rules, seed=seed, params=params)
-  return state, shardings
-
-
 def jit_train_step(train_step: Callable, shardings: TrainState, batch_shardings) -> Callable:
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, None), donate_argnums=(0,))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import config, layers, model as model_lib, optim, sharding, step
+from lm import build, config, layers, model as model_lib, optim, sharding, step
 from helpers import host_params, random_batch, tiny_model_cfg
 
 
@@ -74,17 +74,13 @@ def test_scan_layers_stacks_params_on_the_layers_axis():
 
 
 def test_params_and_adam_state_shrink_with_fsdp():
-  model = model_lib.build_model(tiny_model_cfg(vocab_size=512, d_model=128, mlp_dim=512))
+  cfg = config.base_config()
+  cfg.model = tiny_model_cfg(vocab_size=512, d_model=128, mlp_dim=512)
+  cfg.data.seq_len, cfg.train.steps = 16, 10
   per_device = {}
   for n in (1, 2, 4, 8):
-    mesh_cfg = config.mesh_config()
-    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 1, n, 1
-    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:n])
-    abstract, _ = sharding.abstract_and_shardings(step.init_fn(model, 16), mesh, mesh_cfg.rules,
-                                                  jax.random.key(0))
-    paths = list(model_lib.flatten_params(abstract))
-    tx, _ = optim.make_optimizer(config.optim_config(), 10, paths)
-    state, _ = step.create_train_state(model, tx, paths, mesh, mesh_cfg.rules, seed=0, seq_len=16)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, n, 1
+    state = build.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n])).init_state()
     per_device[n] = sharding.per_device_bytes((state.params, state.opt_state))
   for n in (2, 4, 8):
     ratio = per_device[1] / per_device[n]
@@ -215,19 +211,16 @@ def test_a_repeated_batch_is_learned_to_near_zero_loss():
   cfg = config.base_config()
   cfg.model = tiny_model_cfg(n_kv_heads=2)
   cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = 3e-3, 10, 0.0
+  cfg.data.seq_len, cfg.train.steps = 16, 300
   mesh_cfg = cfg.mesh
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 2, 2
   mesh = sharding.make_mesh(mesh_cfg)
-  model = model_lib.build_model(cfg.model)
-  abstract, _ = sharding.abstract_and_shardings(step.init_fn(model, 16), mesh, mesh_cfg.rules,
-                                                jax.random.key(0))
-  paths = list(model_lib.flatten_params(abstract))
-  tx, schedule = optim.make_optimizer(cfg.optim, 300, paths)
-  state, shardings = step.create_train_state(model, tx, paths, mesh, mesh_cfg.rules, seed=0,
-                                             seq_len=16)
+  built = build.build(cfg, mesh)
+  state = built.init_state()
   batch = sharding.shard_batch(random_batch(), mesh, mesh_cfg.rules)
-  train_step = step.jit_train_step(step.make_train_step(model, tx, schedule, paths), shardings,
-                                   jax.tree.map(lambda x: x.sharding, batch))
+  train_step = step.jit_train_step(
+      step.make_train_step(built.model, built.tx, built.schedule, built.trainable),
+      built.state_shardings, jax.tree.map(lambda x: x.sharding, batch))
   with sharding.activate(mesh, mesh_cfg.rules):
     for _ in range(300):
       # Block each step: in-flight steps on fake CPU devices can deadlock their collectives.
