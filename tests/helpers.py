@@ -87,12 +87,11 @@ def xla_flags(devices: int | None = 8) -> str:
   return ' '.join(flags)
 
 
-def train_env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = xla_flags(8)
-  env['PYTHONPATH'] = ROOT
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+def subprocess_env(devices: int | None = 8) -> dict[str, str]:
+  """The environment of a train.py / finetune.py / lm tool subprocess: this run's XLA flags with
+  `devices` fake CPU devices (None: one), the repository importable, CPU only. The run's
+  compilation cache (conftest.py) comes with os.environ: a later launch compiles less."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
 
 
 # --------------------------------------------------------------------------- model tests

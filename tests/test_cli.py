@@ -11,13 +11,13 @@ import pytest
 from lm import cli, config
 from lm import tokenizer as tokenizer_lib
 from lm.errors import UserError
-from helpers import xla_flags
+from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli_env():
-  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(None))
+  return subprocess_env(None)
 
 
 def write_bad_jsonl(path, n_good=300):

@@ -66,7 +66,6 @@ def test_frozen_params_stay_bitwise_equal_and_hold_no_optimizer_state():
 def test_trainable_patterns_and_lr_multipliers():
   model = model_lib.build_model(tiny_model_cfg())
   params = host_params(model)
-  paths = list(model_lib.flatten_params(params))
   ft = config.finetune_config()
   ft.trainable = ('layers_1/.*', 'final_norm/.*')
   ft.freeze = ('.*norm.*',)

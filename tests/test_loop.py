@@ -15,7 +15,7 @@ import pytest
 
 from lm import data
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, losses, sigterm_at_step,
-                     tiny_config, xla_flags)
+                     subprocess_env, tiny_config)
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
              'train.eval_every': 8}
@@ -28,9 +28,7 @@ def command(workdir, **overrides):
 
 
 def env(devices=1):
-  # The run's compilation cache (conftest.py) comes with os.environ: a later launch loads the
-  # programs an earlier one compiled.
-  return dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  return subprocess_env(devices)
 
 
 def train(workdir, **overrides):

@@ -22,7 +22,7 @@ from lm import checkpoint, config, data, loop
 from lm import tokenizer as tokenizer_lib
 from lm import model as model_lib
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, load_config_file, losses, make_texts,
-                     tiny_config, write_jsonl, xla_flags)
+                     subprocess_env, tiny_config, write_jsonl)
 
 # The tiny run of test_train, 4 steps, checkpoints at 2 and 4, two logical data shards.
 OVERRIDES = {**TINY_OVERRIDES, 'train.steps': 4, 'train.checkpoint_every': 2,
@@ -39,8 +39,7 @@ def launch(workdir, num_processes=2, timeout=150, script='train.py', config_file
            devices=4, overrides=None):
   """Runs `script` as `num_processes` processes of one job; returns each one's output."""
   port = free_port()
-  # os.environ holds the run's compilation cache (conftest.py): a later launch compiles less.
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices), JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env = subprocess_env(devices)
   cmd = [sys.executable, os.path.join(ROOT, script), f'--workdir={workdir}',
          '--config=' + os.path.join(ROOT, config_file), '--config.name=tiny_test',
          f'--coordinator=127.0.0.1:{port}', f'--num_processes={num_processes}']

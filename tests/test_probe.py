@@ -14,7 +14,7 @@ import pytest
 from lm import config, finetune, loop, probe, sharding, step
 from lm import model as model_lib
 from lm import tokenizer as tokenizer_lib
-from helpers import xla_flags
+from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +157,7 @@ def test_scores_of_params_spread_over_two_processes_equal_one_process(tmp_path):
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  env = subprocess_env(4)
   procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), tok_path,
                              str(tmp_path / f'scores_{i}.json')], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -26,7 +26,7 @@ from lm import checkpoint, corpus
 from lm.run import preflight_workdir
 from lm import model as model_lib
 from lm.config import ConfigError
-from helpers import TINY_OVERRIDES, xla_flags
+from helpers import TINY_OVERRIDES, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -83,10 +83,7 @@ class Env:
     self.tokenizer = self.straight / 'tokenizer.model'
 
   def env(self, devices=1):
-    env = dict(os.environ)
-    # The run's compilation cache (conftest.py) comes with os.environ.
-    env.update(XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-    return env
+    return subprocess_env(devices)
 
   def command(self, workdir, *args, tokenizer=True):
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={self.config}',

@@ -16,7 +16,7 @@ from lm.sweep.__main__ import main as sweep_main
 from lm.config import ConfigError
 from lm.errors import UserError
 from lm.sweep import Stage, Sweep
-from helpers import xla_flags
+from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,11 +181,7 @@ def test_print_commands_prints_one_train_command_per_trial(tmp_path, capsys):
 
 
 def sweep_env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = xla_flags(None)  # One CPU device per trial: the fastest for a tiny model.
-  env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = ROOT
-  return env
+  return subprocess_env(None)  # One CPU device per trial: the fastest for a tiny model.
 
 
 def metric_steps(workdir, key='train/loss'):

@@ -11,7 +11,7 @@ import pytest
 from lm import checkpoint, config, evaluate, loop
 from lm.run import build_run
 from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, load_config_file, losses,
-                     sigterm_at_step, tiny_config, train_env)
+                     sigterm_at_step, subprocess_env, tiny_config)
 
 
 @pytest.fixture(scope='module')
@@ -28,13 +28,13 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(straight_run, tmp_
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={workdir}',
          '--config=' + os.path.join(ROOT, 'configs/tiny.py'), '--config.name=tiny_test']
   cmd += cli_args(TINY_OVERRIDES)
-  text = sigterm_at_step(cmd, 10, train_env())
+  text = sigterm_at_step(cmd, 10, subprocess_env())
   assert 'stopping at step' in text, text
   stopped_at = max(losses(workdir))
   assert 10 <= stopped_at < 20
   assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
 
-  resumed = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=ROOT,
+  resumed = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
                            timeout=300)
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert f'resumed at step {stopped_at}' in resumed.stdout
@@ -106,7 +106,7 @@ def test_every_shipped_config_loads_and_validates(path, tmp_path):
 
 def run_train_cli(*args, timeout=120):
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *args]
-  return subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=ROOT,
+  return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
                         timeout=timeout)
 
 
