@@ -4,8 +4,8 @@
     python -m lm.bench --dry-run --config=configs/llama_7b.py --devices=256 --config.mesh.tensor=4
 
 `plan(cfg, num_devices)` builds the mesh the config asks for over `num_devices` devices (an
-abstract mesh: the devices need not exist), takes the shapes of params and optimizer state
-from `jax.eval_shape`, their shardings from the logical-axis rules, and reports per device:
+abstract mesh: the devices need not exist), takes the shapes and shardings of params and
+optimizer state from lm.build (what the run itself would build), and reports per device:
 
   params       sharded bytes of the parameters (lm.sharding.sharded_bytes)
   optimizer    sharded bytes of the optimizer state (AdamW: two moments per trainable param,
@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,19 +90,6 @@ def abstract_mesh(cfg: ml_collections.ConfigDict, num_devices: int) -> AbstractM
   return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
 
 
-def abstract_state(cfg: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
-  """Shapes and shardings of params, optimizer state and gradients on `mesh` (no allocation):
-  what lm.build builds for the run, as the planner reads it."""
-  built = build.build(cfg, mesh)
-  flat_shardings = model_lib.flatten_params(built.params_shardings)
-  return dict(model=built.model, model_cfg=built.model_cfg, tx=built.tx, schedule=built.schedule,
-              trainable=built.trainable, params=built.abstract_params,
-              params_shardings=built.params_shardings, logical_specs=built.logical_specs,
-              opt=built.abstract_opt_state, state_shardings=built.state_shardings,
-              train_flat=built.trainable_params(built.abstract_params),
-              train_shardings={p: flat_shardings[p] for p in built.trainable})
-
-
 def batch_specs(cfg: ml_collections.ConfigDict, task: str) -> dict[str, jax.ShapeDtypeStruct]:
   B, T = cfg.data.batch_size, cfg.data.seq_len
   spec = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
@@ -114,15 +100,10 @@ def batch_specs(cfg: ml_collections.ConfigDict, task: str) -> dict[str, jax.Shap
   return out
 
 
-def _task(cfg) -> str:
-  section = build.finetune_section(cfg)
-  return section.task if section is not None else 'lm'
-
-
-def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int],
+def activation_bytes(built: build.Built, sizes: dict[str, int],
                      platform: str | None = None) -> dict[str, float]:
   """The activation estimate of the module docstring, per device: saved, working, logits."""
-  m = build.model_config(cfg)
+  cfg, m = built.cfg, built.model_cfg
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
   rows = cfg.data.batch_size / cfg.optim.grad_accum / (sizes['data'] * sizes['fsdp'])
   T = cfg.data.seq_len
@@ -159,7 +140,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sizes: dict[str, int],
   working = recomputed + attention_grads
   # The loss projects loss.chunk_size positions at a time: float32 logits, softmax, gradient.
   logit_tokens = rows * loss_lib.chunk_size(T, m.logits_chunk)
-  logits = logit_tokens * (m.vocab_size / t) * 4 * 3 if _task(cfg) != 'classify' else 0.0
+  logits = logit_tokens * (m.vocab_size / t) * 4 * 3 if built.task != 'classify' else 0.0
   return {'saved': saved, 'working': working, 'logits': logits,
           'total': saved + working + logits}
 
@@ -168,17 +149,17 @@ def _is_layer(path: str) -> bool:
   return path.startswith('layers/') or re.match(r'layers_\d+/', path) is not None
 
 
-def fsdp_working_bytes(cfg: ml_collections.ConfigDict, s: dict, mesh) -> float:
+def fsdp_working_bytes(built: build.Built) -> float:
   """Gathered parameters + unreduced gradients of the live layers (module docstring)."""
-  m = s['model_cfg']
+  m = built.model_cfg
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
-  compute_rules = [(name, _drop_axes(axes, ('data', 'fsdp'))) for name, axes in cfg.mesh.rules]
-  flat = model_lib.flatten_params(s['params'])
-  logical = model_lib.flatten_params(s['logical_specs'])
-  stored = model_lib.flatten_params(s['params_shardings'])
+  compute_rules = [(name, _drop_axes(axes, ('data', 'fsdp'))) for name, axes in built.cfg.mesh.rules]
+  flat = model_lib.flatten_params(built.abstract_params)
+  logical = model_lib.flatten_params(built.logical_specs)
+  stored = model_lib.flatten_params(built.params_shardings)
   layer_bytes = other_bytes = 0.0
   for path, x in flat.items():
-    gathered = sharding.logical_to_shardings(logical[path], mesh, compute_rules)
+    gathered = sharding.logical_to_shardings(logical[path], built.mesh, compute_rules)
     elements = math.prod(gathered.shard_shape(x.shape))
     if elements == math.prod(stored[path].shard_shape(x.shape)):
       continue  # Not sharded over data/fsdp: used in place, its gradient reduced in place.
@@ -235,29 +216,32 @@ def plan(cfg: ml_collections.ConfigDict, num_devices: int, *, compile: bool = Tr
                       f'{cfg.optim.grad_accum} micro-batches) cannot be split over mesh data x '
                       f'fsdp = {batch_ways} devices')
   mesh = abstract_mesh(cfg, num_devices)
-  s = abstract_state(cfg, mesh)
+  built = build.build(cfg, mesh)
+  m = built.model_cfg
   rules = cfg.mesh.rules
-  params = sharding.sharded_bytes(s['params'], s['params_shardings'])
-  opt = sharding.sharded_bytes(s['opt'], s['state_shardings'].opt_state)
-  grads = sharding.sharded_bytes(s['train_flat'], s['train_shardings'])
+  flat_shardings = model_lib.flatten_params(built.params_shardings)
+  train_flat = built.trainable_params(built.abstract_params)
+  params = sharding.sharded_bytes(built.abstract_params, built.params_shardings)
+  opt = sharding.sharded_bytes(built.abstract_opt_state, built.state_shardings.opt_state)
+  grads = sharding.sharded_bytes(train_flat, {p: flat_shardings[p] for p in built.trainable})
   if cfg.optim.grad_accum > 1:
     grads *= 2  # The running sum and the current micro-batch's gradients.
-  specs = batch_specs(cfg, _task(cfg))
+  specs = batch_specs(cfg, built.task)
   batch = sharding.sharded_bytes(
       specs, {k: sharding.batch_sharding(mesh, rules, len(v.shape)) for k, v in specs.items()})
-  acts = activation_bytes(cfg, sizes, platform)
-  fsdp = fsdp_working_bytes(cfg, s, mesh)
+  acts = activation_bytes(built, sizes, platform)
+  fsdp = fsdp_working_bytes(built)
   total = params + opt + grads + batch + fsdp + acts['total']
   result = {
       'config': cfg.name, 'devices': num_devices, 'mesh': sizes,
-      'params': int(model_lib.count_params(s['params'])),
-      'trainable': int(sum(math.prod(x.shape) for x in s['train_flat'].values())),
+      'params': int(model_lib.count_params(built.abstract_params)),
+      'trainable': int(sum(math.prod(x.shape) for x in train_flat.values())),
       'tokens_per_device': cfg.data.batch_size * cfg.data.seq_len // (sizes['data'] * sizes['fsdp']),
-      'remat': s['model_cfg'].remat, 'dtype': s['model_cfg'].dtype,
-      'scan_layers': bool(s['model_cfg'].scan_layers),
-      'attention': attention.resolve_kernel(s['model_cfg'].attention, platform),
-      'attn_query_chunk': s['model_cfg'].attn_query_chunk,
-      'logits_chunk': loss_lib.chunk_size(cfg.data.seq_len, s['model_cfg'].logits_chunk),
+      'remat': m.remat, 'dtype': m.dtype,
+      'scan_layers': bool(m.scan_layers),
+      'attention': attention.resolve_kernel(m.attention, platform),
+      'attn_query_chunk': m.attn_query_chunk,
+      'logits_chunk': loss_lib.chunk_size(cfg.data.seq_len, m.logits_chunk),
       'bytes': {'params': params, 'optimizer': opt, 'gradients': grads, 'batch': batch,
                 'fsdp_gathered': fsdp, 'activations': acts['total'],
                 'activations_saved': acts['saved'], 'activations_working': acts['working'],

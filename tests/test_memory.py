@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lm import memory
+from lm import build, memory
 from helpers import ROOT, load_config_file
 
 MB = 2**20
@@ -59,14 +59,16 @@ def test_plans_for_more_devices_than_exist_without_allocating():
 
 
 def test_remat_and_batch_scale_the_activations_as_the_formula_says():
-  base = memory.activation_bytes(shipped('small'), {'data': 8, 'fsdp': 1, 'tensor': 1})
-  half = memory.activation_bytes(shipped('small', **{'data.batch_size': 128}),
-                                 {'data': 8, 'fsdp': 1, 'tensor': 1})
-  assert half['total'] == pytest.approx(base['total'] / 2)
-  full = memory.activation_bytes(shipped('small', **{'model.remat': 'full'}),
-                                 {'data': 8, 'fsdp': 1, 'tensor': 1})
-  none = memory.activation_bytes(shipped('small', **{'model.remat': 'none'}),
-                                 {'data': 8, 'fsdp': 1, 'tensor': 1})
+  sizes = {'data': 8, 'fsdp': 1, 'tensor': 1}
+
+  def activations(**overrides):
+    cfg = shipped('small', **overrides)
+    return memory.activation_bytes(build.build(cfg, memory.abstract_mesh(cfg, 8)), sizes)
+
+  base = activations()
+  assert activations(**{'data.batch_size': 128})['total'] == pytest.approx(base['total'] / 2)
+  full = activations(**{'model.remat': 'full'})
+  none = activations(**{'model.remat': 'none'})
   assert full['saved'] < base['saved'] < none['saved']
 
 
