@@ -6,15 +6,19 @@
   write_json(path, obj)            through a temporary file and a rename: a killed writer
                                    leaves the previous file whole
   write_bytes(path, data)          the same for bytes (a tokenizer model), via etils.epath
+  with atomic_path(path) as tmp:   for writers that stream (ArrayRecord, np.save): write tmp,
+                                   and it becomes `path` only when the block ends without error
 
 Paths go through etils.epath, so gs:// works where the caller's paths may be remote.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 from etils import epath
 
@@ -45,13 +49,30 @@ def read_bytes(path: str | os.PathLike, what: str = 'file') -> bytes:
   return path.read_bytes()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` (parents made) via a hidden temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[epath.Path]:
+  """A temporary path next to `path` (parents made) that is renamed to `path` when the block
+  ends, or removed if it raises: a killed or failing writer leaves the previous file whole.
+
+  The name carries the host and process id: processes of one run (prepare workers, the hosts of
+  a pod sharing a filesystem) may write the same file at once, and each must rename its own.
+  """
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'.{path.name}.tmp'
-  tmp.write_bytes(data)
-  tmp.replace(path)  # Atomic on local disks: a crash never leaves half a file.
+  tmp = path.parent / f'.{path.name}.{socket.gethostname()}-{os.getpid()}.tmp'
+  try:
+    yield tmp
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise
+  tmp.replace(path)  # Atomic on local disks; the last writer of identical content wins.
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` atomically (atomic_path)."""
+  with atomic_path(path) as tmp:
+    tmp.write_bytes(data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -162,6 +162,6 @@ class HFTokenizer:
   def save_pretrained(self, out_dir: str | pathlib.Path) -> None:
     """tokenizer.json + tokenizer_config.json as transformers reads them."""
     out = pathlib.Path(out_dir)
-    (out / 'tokenizer.json').write_text(self._json)
+    files.write_bytes(out / 'tokenizer.json', self._json.encode())
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', **self.config}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    files.write_bytes(out / CONFIG_FILE, json.dumps(config, indent=1, ensure_ascii=False).encode())

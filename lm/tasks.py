@@ -24,7 +24,7 @@ import sys
 from absl import flags
 from etils import epath
 
-from lm import cli, corpus
+from lm import cli, corpus, files
 from lm.config import ConfigError
 
 TASK_DATA = ('docstring_sft', 'package_classify')
@@ -82,10 +82,8 @@ def build(task_data: str, out_path: str | os.PathLike) -> epath.Path:
     examples = package_classify_examples()
   else:
     raise ConfigError(f'config key finetune.task_data: unknown {task_data!r} (choose from {TASK_DATA})')
-  out_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out_path.parent / f'{out_path.name}.{os.getpid()}.tmp'  # Processes of one run race here.
-  tmp.write_text(''.join(json.dumps(e) + '\n' for e in examples))
-  tmp.replace(out_path)  # Another process may have written the same file first.
+  # Processes of one run race here; each writes the same examples and renames its own file.
+  files.write_bytes(out_path, ''.join(json.dumps(e) + '\n' for e in examples).encode())
   return out_path
 
 

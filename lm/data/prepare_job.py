@@ -28,6 +28,7 @@ import time
 from etils import epath
 import numpy as np
 
+from lm import files
 from lm.data import dedup
 from lm.data.filters import filter_text, screen
 from lm.data.prepared import PREPARED_FORMAT, PREPARED_META, shard_name
@@ -60,12 +61,6 @@ def plan_units(cfg) -> list[tuple[Unit, bool]]:
   return units
 
 
-def _atomic_write(path: epath.Path, write) -> None:
-  tmp = path.parent / f'.{path.name}.tmp'
-  write(tmp)
-  tmp.replace(path)
-
-
 def _tokenize_unit(job) -> dict:
   """Stage 1 for one unit; returns (and saves) its summary."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
@@ -74,8 +69,6 @@ def _tokenize_unit(job) -> dict:
   on_error = OnError(d.on_error, stats)
   digests, signatures, labels, tokens = [], [], set(), 0
   records_path = _unit_file(out_dir, index, 'records')
-  tmp = records_path.parent / f'.{records_path.name}.tmp'
-  writer = array_record_module.ArrayRecordWriter(str(tmp), 'group_size:1')
   batch = []  # (record, content hash) awaiting tokenization.
 
   def flush():
@@ -95,28 +88,26 @@ def _tokenize_unit(job) -> dict:
         signatures.append(dedup.minhash_signature(filter_text(record)))
     batch.clear()
 
-  for record in unit.read(task, d, on_error):
-    digest = screen(record, d, task, stats)  # Duplicates are dropped across units, later.
-    if digest is None:
-      continue
-    batch.append((record, digest))
-    if len(batch) == _TOKENIZE_BATCH:
-      flush()
-  flush()
-  writer.close()
-  tmp.replace(records_path)
-  offsets = []
-  _atomic_write(_unit_file(out_dir, index, 'hashes.npy'),
-                lambda p: offsets.extend(dedup.write_hashes(p, digests, int(d.dedup_buckets))))
+  with files.atomic_path(records_path) as tmp:
+    writer = array_record_module.ArrayRecordWriter(str(tmp), 'group_size:1')
+    for record in unit.read(task, d, on_error):
+      digest = screen(record, d, task, stats)  # Duplicates are dropped across units, later.
+      if digest is None:
+        continue
+      batch.append((record, digest))
+      if len(batch) == _TOKENIZE_BATCH:
+        flush()
+    flush()
+    writer.close()
+  with files.atomic_path(_unit_file(out_dir, index, 'hashes.npy')) as tmp:
+    offsets = dedup.write_hashes(tmp, digests, int(d.dedup_buckets))
   if d.near_dedup:
-    def save_signatures(p):
-      with p.open('wb') as f:
-        np.save(f, np.asarray(signatures, np.uint64).reshape(-1, dedup.NEAR_PERMUTATIONS))
-    _atomic_write(_unit_file(out_dir, index, 'minhash.npy'), save_signatures)
+    with files.atomic_path(_unit_file(out_dir, index, 'minhash.npy')) as tmp, tmp.open('wb') as f:
+      np.save(f, np.asarray(signatures, np.uint64).reshape(-1, dedup.NEAR_PERMUTATIONS))
   summary = {'unit': str(unit), 'documents': len(digests), 'tokens': tokens, 'offsets': offsets,
              'labels': sorted(labels) if task == 'classify' else [],
              'fingerprint': tokenizer.fingerprint, 'stats': stats.to_dict()}
-  _atomic_write(_unit_file(out_dir, index, 'json'), lambda p: p.write_text(json.dumps(summary)))
+  files.write_json(_unit_file(out_dir, index, 'json'), summary)
   return summary
 
 
@@ -147,17 +138,15 @@ def _finalize_unit(job) -> dict:
     entries.sort(key=lambda e: e[0])
     name = shard_name(split, index, unit_count)
     if entries:
-      def write(path, entries=entries):
-        writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
+      with files.atomic_path(out_dir / name) as tmp:
+        writer = array_record_module.ArrayRecordWriter(str(tmp), 'group_size:1')
         for _, _, tokens, aux in entries:
           writer.write(encode_prepared(tokens, aux))
         writer.close()
-      _atomic_write(out_dir / name, write)
     summary[split] = {'file': name if entries else '', 'records': len(entries),
                       'tokens': int(sum(len(e[2]) for e in entries)),
                       'bytes': int(sum(e[1] for e in entries))}
-  _atomic_write(_unit_file(out_dir, index, 'final.json'),
-                lambda p: p.write_text(json.dumps(summary)))
+  files.write_json(_unit_file(out_dir, index, 'final.json'), summary)
   return summary
 
 
@@ -261,7 +250,7 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
     stats.kept_bytes[split] = sum(p['bytes'] for p in parts)
   meta['stats'] = stats.to_dict()
   tokenizer.save(out_dir / 'tokenizer.model')
-  _atomic_write(out_dir / PREPARED_META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+  files.write_json(out_dir / PREPARED_META, meta)
   return meta
 
 
