@@ -1,5 +1,7 @@
 """lm.files: small state files read with one clear error, written atomically."""
 
+import os
+
 import pytest
 
 from lm import files
@@ -29,3 +31,22 @@ def test_read_bytes_names_what_is_missing(tmp_path):
   assert files.read_bytes(tmp_path / 'model') == b'\x00\x01'
   with pytest.raises(FileNotFoundError, match='no tokenizer model at .*nowhere'):
     files.read_bytes(tmp_path / 'nowhere', 'tokenizer model')
+
+
+def test_a_writer_that_fails_leaves_the_previous_file_and_no_temporary(tmp_path):
+  path = tmp_path / 'shard.bin'
+  files.write_bytes(path, b'old')
+  with pytest.raises(RuntimeError, match='disk full'):
+    with files.atomic_path(path) as tmp:
+      tmp.write_bytes(b'half of the n')
+      raise RuntimeError('disk full')
+  assert path.read_bytes() == b'old'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['shard.bin']
+
+
+def test_each_process_writes_its_own_temporary_file(tmp_path):
+  # Two writers of one path (prepare workers, hosts sharing a disk) never share a temporary.
+  with files.atomic_path(tmp_path / 'x') as tmp:
+    assert str(os.getpid()) in tmp.name and tmp.parent == tmp_path
+    tmp.write_bytes(b'new')
+  assert (tmp_path / 'x').read_bytes() == b'new'
