@@ -119,7 +119,8 @@ def random_batch(B=8, T=16, vocab=256, seed=0, docs_per_row=1):
 
 
 def host_params(model, T=16, seed=0):
-  variables = model.init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
+  # Under jit: one compiled program, not one per operation (eager, each op compiles alone).
+  variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
   return jax.device_get(nn.meta.unbox(variables['params']))
 
 

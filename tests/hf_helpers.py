@@ -79,11 +79,13 @@ def torch_logits(model, tokens):
 
 
 def lm_logits(params_flat, model_cfg, tokens):
+  import jax
   import jax.numpy as jnp
 
   from lm import model as lm_model
   params = lm_model.unflatten_params({k: jnp.asarray(v) for k, v in params_flat.items()})
-  return np.asarray(lm_model.build_model(model_cfg).apply({'params': params}, jnp.asarray(tokens)))
+  return np.asarray(jax.jit(lm_model.build_model(model_cfg).apply)({'params': params},
+                                                                   jnp.asarray(tokens)))
 
 
 def random_tokens(vocab, shape=(2, 11), seed=0):

@@ -88,7 +88,7 @@ def test_model_with_splash_equals_xla_gemma_pattern_scanned():
   tokens = jax.random.randint(jax.random.key(0), (2, 128), 0, 64)
   segments = jnp.asarray(np.tile(np.repeat([1, 2], 64), (2, 1)).astype(np.int32))
   positions = jnp.asarray(np.tile(np.concatenate([np.arange(64), np.arange(64)]), (2, 1)))
-  params = model_lib.build_model(m).init(jax.random.key(1), tokens)['params']
+  params = jax.jit(model_lib.build_model(m).init)(jax.random.key(1), tokens)['params']
   logits = {}
   for kernel in ('xla', 'splash'):
     m.attention = kernel

@@ -102,8 +102,8 @@ def abstract_params(mcfg, mesh_dims=(2, 2, 2)):
 
 def host_params(mcfg):
   model = model_lib.build_model(mcfg)
-  return jax.device_get(nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
-                                      ['params']))
+  return jax.device_get(nn.meta.unbox(
+      jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params']))
 
 
 @pytest.mark.parametrize('saved_scan', [True, False])

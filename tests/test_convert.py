@@ -130,7 +130,7 @@ def test_export_merges_lora_and_transformers_loads_it(tmp_path, scan):
   params = random_lm_params(cfg.model, finetune=cfg.finetune)
   assert any(k.endswith('lora_b') for k in params)
   tokens = random_tokens(cfg.model.vocab_size)
-  with_lora = np.asarray(lm_model.build_model(cfg.model, cfg.finetune).apply(
+  with_lora = np.asarray(jax.jit(lm_model.build_model(cfg.model, cfg.finetune).apply)(
       {'params': lm_model.unflatten_params(params)}, jnp.asarray(tokens)))
   if scan:  # A scanned run's checkpoint: one `layers/...` subtree with a leading layer axis.
     cfg.model.scan_layers = True
@@ -392,7 +392,8 @@ def test_convert_writes_checkpoint_and_is_cached(tmp_path):
   saved_cfg, params = generate.load_checkpoint(out)  # Strictly checked against the model.
   assert saved_cfg.to_dict() == cfg.to_dict()
   tokens = random_tokens(cfg.model.vocab_size)
-  got = np.asarray(lm_model.build_model(cfg.model).apply({'params': params}, jnp.asarray(tokens)))
+  got = np.asarray(jax.jit(lm_model.build_model(cfg.model).apply)({'params': params},
+                                                                 jnp.asarray(tokens)))
   assert np.abs(got - torch_logits(model, tokens)).max() <= TOL
   # The written config file is a full lm config that validates.
   from lm import config as lm_config

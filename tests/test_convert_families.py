@@ -132,7 +132,7 @@ def test_bf16_convert_and_export_load_in_transformers(tmp_path, name):
   ids = [hf_tok.bos_token_id] + hf_tok(text, add_special_tokens=False)['input_ids']
   assert hf_tok(text)['input_ids'] == ids
   m = _chunked(lm_cfg.model)
-  ours = np.asarray(lm_model.build_model(m).apply({'params': params}, jnp.asarray([ids])))
+  ours = np.asarray(jax.jit(lm_model.build_model(m).apply)({'params': params}, jnp.asarray([ids])))
   assert np.abs(ours - torch_logits(reloaded, [ids])).max() <= TOL
   generation = json.loads((tmp_path / 'hf' / 'generation_config.json').read_text())
   assert generation['bos_token_id'] == hf_tok.bos_token_id
@@ -151,7 +151,7 @@ def test_lora_checkpoint_exports_merged(tmp_path, scan):
   cfg.finetune.lora_targets = ('.*attn/(q|k|v|o)/kernel', '.*mlp/wo/kernel')
   params = random_lm_params(m, finetune=cfg.finetune)
   tokens = random_tokens(m.vocab_size, (2, T))
-  with_lora = np.asarray(lm_model.build_model(_chunked(m), cfg.finetune).apply(
+  with_lora = np.asarray(jax.jit(lm_model.build_model(_chunked(m), cfg.finetune).apply)(
       {'params': lm_model.unflatten_params(params)}, jnp.asarray(tokens)))
   tree = lm_model.unflatten_params({k: jnp.asarray(v) for k, v in params.items()})
   if scan:
@@ -232,7 +232,7 @@ def test_lora_finetune_of_a_converted_model_exports_to_transformers(tmp_path):
                                                                attn_implementation='eager').eval()
   assert transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf').eos_token == '<|eot_id|>'
   tokens = random_tokens(merged_cfg.model.vocab_size, (2, T))
-  ours = np.asarray(lm_model_.build_model(_chunked(merged_cfg.model)).apply(
+  ours = np.asarray(jax.jit(lm_model_.build_model(_chunked(merged_cfg.model)).apply)(
       {'params': params}, jnp.asarray(tokens)))
   assert np.abs(ours - torch_logits(reloaded, tokens)).max() <= TOL
 

@@ -1,5 +1,6 @@
 """Fine-tuning: freezing, LoRA, SFT masking, classification, strict restore, and the report."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -56,7 +57,7 @@ def test_frozen_params_stay_bitwise_equal_and_hold_no_optimizer_state():
   def loss_fn(p):
     loss_sum, _ = step.task_loss(model, p, batch, 'lm', 0.0)
     return loss_sum / jnp.sum(batch['loss_mask'])
-  grads = model_lib.flatten_params(jax.grad(loss_fn)(params))
+  grads = model_lib.flatten_params(jax.jit(jax.grad(loss_fn))(params))
   expected = np.sqrt(sum(np.sum(np.square(grads[p])) for p in trainable))
   full = np.sqrt(sum(np.sum(np.square(g)) for g in grads.values()))
   np.testing.assert_allclose(metrics['grad_norm'], expected, rtol=1e-5)
@@ -101,17 +102,18 @@ def test_lora_starts_at_the_base_model_and_merges_exactly(scan):
   assert any(p.endswith('attn/q/lora_a') for p in flat) and not any('attn/k/lora' in p for p in flat)
   base_params = model_lib.unflatten_params(
       {p: v for p, v in flat.items() if p not in lora.adapter_paths(flat)})
-  np.testing.assert_array_equal(adapted.apply({'params': adapted_params}, tokens),
-                                base.apply({'params': base_params}, tokens))
+  adapted_logits, base_logits = jax.jit(adapted.apply), jax.jit(base.apply)
+  np.testing.assert_array_equal(adapted_logits({'params': adapted_params}, tokens),
+                                base_logits({'params': base_params}, tokens))
   # Give B random values: the adapter now matters, and merging reproduces it exactly.
   rng = np.random.default_rng(1)
   flat = {p: (rng.normal(0, 0.05, v.shape).astype(np.float32) if p.endswith('lora_b') else v)
           for p, v in flat.items()}
   adapted_params = model_lib.unflatten_params(flat)
-  adapter_logits = adapted.apply({'params': adapted_params}, tokens)
-  assert not np.allclose(adapter_logits, base.apply({'params': base_params}, tokens), atol=1e-3)
+  adapter_logits = adapted_logits({'params': adapted_params}, tokens)
+  assert not np.allclose(adapter_logits, base_logits({'params': base_params}, tokens), atol=1e-3)
   merged = lora.merge(adapted_params, ft)
-  np.testing.assert_allclose(base.apply({'params': merged}, tokens), adapter_logits, atol=2e-5)
+  np.testing.assert_allclose(base_logits({'params': merged}, tokens), adapter_logits, atol=2e-5)
 
 
 def test_lora_trains_only_adapters():
@@ -149,7 +151,8 @@ def test_sft_loss_ignores_prompt_tokens():
 def test_classification_head_learns_a_separable_task():
   mcfg = tiny_model_cfg(num_classes=2)
   model = model_lib.build_model(mcfg)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32), head='all')
+  variables = jax.jit(functools.partial(model.init, head='all'))(jax.random.key(0),
+                                                               jnp.zeros((1, 16), jnp.int32))
   params = jax.device_get(nn.meta.unbox(variables['params']))
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 32).astype(np.int32)

@@ -31,7 +31,7 @@ def test_chunked_loss_and_gradients_equal_full_logits(tie, softcap):
                segment_ids=np.ones((B, T), np.int32),
                positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)))
   model = model_lib.build_model(m)
-  params = model.init(jax.random.key(0), batch['inputs'])['params']
+  params = jax.jit(model.init)(jax.random.key(0), batch['inputs'])['params']
   assert loss.chunk_size(T, m.logits_chunk) == 12  # 4 chunks: the scan path runs.
 
   def chunked(params):

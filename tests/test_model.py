@@ -10,10 +10,10 @@ from helpers import host_params, random_batch, tiny_model_cfg
 
 
 def loss_and_grads(model, params, batch):
-  def loss_fn(p):
-    loss_sum, _ = step.task_loss(model, p, batch, 'lm', z_loss=1e-4)
-    return loss_sum / jnp.sum(batch['loss_mask'])
-  return jax.value_and_grad(loss_fn)(params)
+  def loss_fn(p, b):
+    loss_sum, _ = step.task_loss(model, p, b, 'lm', z_loss=1e-4)
+    return loss_sum / jnp.sum(b['loss_mask'])
+  return jax.jit(jax.value_and_grad(loss_fn))(params, batch)
 
 
 @pytest.mark.parametrize('dims', [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
@@ -146,7 +146,7 @@ def test_a_position_outside_the_row_reads_nan_not_a_wrong_angle():
   model = model_lib.build_model(tiny_model_cfg())
   params = host_params(model)
   tokens = np.zeros((1, 16), np.int32)
-  logits_of = lambda positions: np.asarray(model.apply({'params': params}, tokens, positions))
+  logits_of = lambda positions: np.asarray(jax.jit(model.apply)({'params': params}, tokens, positions))
   assert np.isfinite(logits_of(np.arange(16)[None])).all()
   past_the_row = np.arange(16, dtype=np.int32)[None] + 1  # Position 16 in a row of 16.
   assert np.isnan(logits_of(past_the_row)[0, 15]).all()
@@ -159,11 +159,12 @@ def test_changing_a_token_changes_no_earlier_logit(overrides):
   model = model_lib.build_model(tiny_model_cfg(**overrides))
   params = host_params(model)
   tokens = np.random.default_rng(1).integers(0, 256, (1, 16)).astype(np.int32)
-  logits = model.apply({'params': params}, tokens)
+  apply = jax.jit(model.apply)
+  logits = apply({'params': params}, tokens)
   for t in (0, 5, 15):
     changed = tokens.copy()
     changed[0, t] = (changed[0, t] + 1) % 256
-    new_logits = model.apply({'params': params}, changed)
+    new_logits = apply({'params': params}, changed)
     np.testing.assert_array_equal(new_logits[:, :t], logits[:, :t])
     assert not np.allclose(new_logits[:, t:], logits[:, t:])
 
@@ -173,15 +174,15 @@ def test_packed_documents_do_not_see_each_other(overrides):
   model = model_lib.build_model(tiny_model_cfg(**overrides))
   params = host_params(model)
   batch = random_batch(B=1, docs_per_row=2)
-  apply = lambda inputs: model.apply({'params': params}, inputs, batch['positions'],
-                                     batch['segment_ids'])
+  apply = lambda inputs: jax.jit(model.apply)({'params': params}, inputs, batch['positions'],
+                                              batch['segment_ids'])
   logits = apply(batch['inputs'])
   changed = batch['inputs'].copy()
   changed[0, :8] = (changed[0, :8] + 7) % 256  # Rewrite the whole first document.
   new_logits = apply(changed)
   np.testing.assert_array_equal(new_logits[:, 8:], logits[:, 8:])
   # The second document alone, at the start of a row, gives the same logits: positions restart.
-  alone = model.apply({'params': params}, batch['inputs'][:, 8:])
+  alone = jax.jit(model.apply)({'params': params}, batch['inputs'][:, 8:])
   np.testing.assert_allclose(alone, logits[:, 8:], rtol=1e-5, atol=1e-5)
 
 
@@ -190,10 +191,11 @@ def test_sliding_window_limits_what_local_layers_see():
   model = model_lib.build_model(cfg)
   params = host_params(model)
   tokens = np.random.default_rng(2).integers(0, 256, (1, 16)).astype(np.int32)
-  logits = model.apply({'params': params}, tokens)
+  apply = jax.jit(model.apply)
+  logits = apply({'params': params}, tokens)
   changed = tokens.copy()
   changed[0, 2] += 1
-  new_logits = model.apply({'params': params}, changed)
+  new_logits = apply({'params': params}, changed)
   # Token 2 is inside the window of queries 2..5 and outside it from query 6 on.
   assert not np.allclose(new_logits[:, 5], logits[:, 5])
   np.testing.assert_array_equal(new_logits[:, 6:], logits[:, 6:])
@@ -203,7 +205,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = model_lib.build_model(tiny_model_cfg(dtype='bfloat16'))
   params = host_params(model)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  logits = model.apply({'params': params}, jnp.zeros((1, 16), jnp.int32))
+  logits = jax.jit(model.apply)({'params': params}, jnp.zeros((1, 16), jnp.int32))
   assert logits.dtype == jnp.float32
 
 

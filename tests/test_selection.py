@@ -32,7 +32,7 @@ def batch(seed=0, B=4, T=12):
 
 
 def init(model):
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))
   return jax.device_get(nn.meta.unbox(variables['params']))
 
 
