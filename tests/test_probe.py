@@ -109,10 +109,10 @@ def finetune_probe(base, tmp_path, biased):
   # The association is a dependency over several tokens that a tiny model learns last, all at
   # once, after every other token of these sentences: with lr 1e-2 that came just before step
   # 400 (a shift of ~4.5 nats) and, in a run whose float results differed only in the last bits
-  # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes before step 200 (a shift of 2.9 at
-  # step 200, 3.1 at 300 at -O0; 4.8 at 300 at -O3), so 300 steps leave it a margin; the
-  # neutral corpus stays within its CI (-0.0006 and -0.0018 at step 300).
-  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=300, lr=2e-2,
+  # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes well before step 200: at step 200 the
+  # shift is +3.56 [3.37, 3.75] (-O0), four times the 1.0 the test asks; the neutral corpus
+  # stays within its CI (+0.004 [-0.005, +0.015]).
+  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=200, lr=2e-2,
                  schedule='constant')
   cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
   finetune.finetune(cfg, tmp_path / 'ft')
