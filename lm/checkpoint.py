@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+from typing import Callable
 
 import grain
 import jax
@@ -406,11 +407,11 @@ def check_params_match(saved: dict, expected: dict, allow_new=(), source: str = 
 
 
 def load_params(path: str | os.PathLike, abstract_params=None, *, allow_new=(),
-                init_params=None):
+                init_new: Callable[[list[str]], dict] | None = None):
   """Params from a checkpoint, strictly checked against abstract_params (with shardings).
 
-  Paths matched by `allow_new` may be missing from the checkpoint; they are taken from
-  `init_params` (freshly initialised, e.g. a task head or LoRA adapters). A checkpoint saved
+  Paths matched by `allow_new` may be missing from the checkpoint; `init_new(paths)` makes
+  those leaves ({path: array}, freshly initialised: a task head or LoRA adapters). A checkpoint saved
   in the other layer layout (scanned / unscanned) is converted on the mesh (lm.layout).
   Without abstract_params, everything is restored as saved onto the local devices.
   """
@@ -446,11 +447,11 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, allow_new=(),
   flat = model_lib.flatten_params(restored['params'])
   if change is not None:
     flat = layout.convert(flat, change, abstract_flat)
-  if len(flat) < len(abstract_flat):
-    if init_params is None:
-      raise CheckpointError('load_params needs init_params for new parameters')
-    init_flat = model_lib.flatten_params(init_params)
-    flat.update({p: init_flat[p] for p in abstract_flat if p not in flat})
+  missing = [p for p in abstract_flat if p not in flat]
+  if missing:
+    if init_new is None:
+      raise CheckpointError('load_params needs init_new for new parameters')
+    flat.update(init_new(missing))
   return model_lib.unflatten_params(flat)
 
 

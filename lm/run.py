@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 
 from lm import build, checkpoint, data, optim, replay, sharding
+from lm import step as step_lib
 from lm.config import ConfigError, validate
 
 
@@ -89,14 +90,14 @@ def initial_params(run: Run):
   allow_new = tuple(cfg.finetune.allow_new_params) if run.is_finetune else ()
   if run.is_finetune and cfg.finetune.lora_rank > 0:
     allow_new += (optim.LORA_PATTERN,)
-  init_params = None
-  if allow_new:
-    init_params, _ = sharding.init_sharded(run.init_fn, run.mesh, cfg.mesh.rules,
-                                           jax.random.key(cfg.seed),
-                                           shardings=run.params_shardings)
+
+  def init_new(paths):
+    return step_lib.init_leaves(run.init_fn, paths, run.params_shardings, run.mesh,
+                                cfg.mesh.rules, jax.random.key(cfg.seed))
+
   logging.info('restoring params from %s', source)
   return checkpoint.load_params(source, run.abstract_params, allow_new=allow_new,
-                                init_params=init_params)
+                                init_new=init_new)
 
 
 def data_fault(e: BaseException, where: str) -> data.DataError:

@@ -219,6 +219,24 @@ def init_train_state(init: Callable, tx, trainable, shardings: TrainState, mesh,
   return TrainState(step=step0, params=params, opt_state=opt_state, rng=state_rng)
 
 
+def init_leaves(init: Callable, paths, params_shardings, mesh, rules, rng) -> dict[str, Any]:
+  """{path: array} of only the named leaves of init(rng), each born sharded.
+
+  The same values a full init gives them (flax derives each module's rng from its path), but
+  XLA drops the rest of the init: a LoRA fine-tune (or a new task head) on a restored model
+  never makes a second, random copy of the whole model to take the adapters from it.
+  """
+  paths = list(paths)
+  flat_shardings = model_lib.flatten_params(params_shardings)
+
+  def some_leaves(r):
+    flat = model_lib.flatten_params(nn.meta.unbox(init(r)))
+    return {p: flat[p] for p in paths}
+
+  with sharding_lib.activate(mesh, rules):
+    return jax.jit(some_leaves, out_shardings={p: flat_shardings[p] for p in paths})(rng)
+
+
 def jit_train_step(train_step: Callable, shardings: TrainState, batch_shardings) -> Callable:
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, None), donate_argnums=(0,))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import checkpoint, config, finetune, lora, loop, optim, step
+from lm import checkpoint, config, finetune, lora, loop, optim, sharding, step
 from lm import run as run_lib
 from lm.evaluate import macro_f1
 from lm import model as model_lib
@@ -87,6 +87,22 @@ def lora_finetune_cfg(rank=4):
   ft.lora_rank, ft.lora_alpha = rank, 8.0
   ft.lora_targets = ('.*attn/(q|v|o)/kernel', '.*mlp/wi_0/kernel')
   return ft
+
+
+def test_new_leaves_are_initialised_alone_with_the_values_a_full_init_gives_them():
+  """A LoRA fine-tune restores the base model and initialises only the adapters (sharded)."""
+  model = model_lib.build_model(tiny_model_cfg(), lora_finetune_cfg())
+  init, rng, mesh_cfg = step.init_fn(model, 16), jax.random.key(3), config.mesh_config()
+  mesh_cfg.data, mesh_cfg.fsdp = 2, 4
+  mesh = sharding.make_mesh(mesh_cfg)
+  full, shardings = sharding.init_sharded(init, mesh, mesh_cfg.rules, rng)
+  full_flat = model_lib.flatten_params(full)
+  adapters = lora.adapter_paths(full_flat)
+  some = step.init_leaves(init, adapters, shardings, mesh, mesh_cfg.rules, rng)
+  assert sorted(some) == sorted(adapters) and len(some) < len(full_flat)
+  for path, value in some.items():
+    assert value.sharding == full_flat[path].sharding, path
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(full_flat[path]), err_msg=path)
 
 
 @pytest.mark.parametrize('scan', [False, True])
