@@ -296,3 +296,16 @@ def test_shipped_sweeps_expand_and_validate(spec, tmp_path):
       else:
         assert t.script == 'finetune.py'
         assert t.cfg.finetune.restore_from == str(tmp_path / 'pretrain')
+
+
+def test_a_pivot_cell_of_several_trials_shows_their_mean_sd_and_count():
+  from lm.sweep import Table
+  from lm.sweep.report import pivot_markdown
+  rows = [{'stage': 'main', 'lr': 1e-3, 'recipe': 'full', 'seed': s, 'loss': v}
+          for s, v in enumerate((4.0, 4.2, 4.4))]
+  rows += [{'stage': 'main', 'lr': 1e-3, 'recipe': 'lora', 'seed': 0, 'loss': 5.0},
+           {'stage': 'main', 'lr': 3e-3, 'recipe': 'full', 'seed': 0, 'loss': None},
+           {'stage': 'main', 'lr': 3e-3, 'recipe': 'full', 'seed': 1, 'loss': 4.5}]
+  md = pivot_markdown(rows, Table(rows='recipe', cols='lr', value='loss'))
+  assert '| full | 4.2000 ± 0.2 (3/3) | 4.5000 (1/2) |' in md  # Not the last trial's 4.4.
+  assert '| lora | 5.0000 |  |' in md  # One trial: its value; no trial: empty.

@@ -92,14 +92,33 @@ def markdown_table(columns: list[str], rows: list[list]) -> str:
 
 
 def pivot(rows: list[dict], table: Table) -> tuple[list, list, dict] | None:
+  """(row keys, column keys, {(row, col): [values of every trial in that cell]})."""
   rows = [r for r in rows if (not table.stage or r['stage'] == table.stage)
           and r.get(table.rows) is not None and r.get(table.cols) is not None]
   if not rows:
     return None
   row_keys = list(dict.fromkeys(r[table.rows] for r in rows))  # Order of appearance.
   col_keys = sorted(dict.fromkeys(r[table.cols] for r in rows), key=_sort_key)
-  cells = {(r[table.rows], r[table.cols]): r.get(table.value) for r in rows}
+  cells = {}
+  for r in rows:
+    cells.setdefault((r[table.rows], r[table.cols]), []).append(r.get(table.value))
   return row_keys, col_keys, cells
+
+
+def fmt_cell(values: list | None) -> str:
+  """One trial's value; several trials (other axes swept too, e.g. seeds): their mean ± sd and
+  how many, never just the last one. Trials without a value (failed) are counted apart."""
+  if not values:
+    return ''
+  numbers = [v for v in values if is_number(v)]
+  if len(values) == 1 or not numbers:
+    return fmt(values[-1]) if len(values) == 1 else f'– (0/{len(values)})'
+  count = f'({len(numbers)}/{len(values)})'
+  if len(numbers) == 1:
+    return f'{fmt(numbers[0])} {count}'
+  mean = sum(numbers) / len(numbers)
+  sd = math.sqrt(sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1))
+  return f'{fmt(float(mean))} ± {fmt(float(sd))} {count}'
 
 
 def pivot_markdown(rows: list[dict], table: Table) -> str:
@@ -108,7 +127,7 @@ def pivot_markdown(rows: list[dict], table: Table) -> str:
     return ''
   row_keys, col_keys, cells = result
   header = [f'{table.rows} \\ {table.cols}'] + [fmt_axis(c) for c in col_keys]
-  body = [[fmt_axis(r)] + [cells.get((r, c)) for c in col_keys] for r in row_keys]
+  body = [[fmt_axis(r)] + [fmt_cell(cells.get((r, c))) for c in col_keys] for r in row_keys]
   title = table.title or f'{table.value}: {table.rows} x {table.cols}'
   return f'### {title}\n\n' + markdown_table(header, body)
 
