@@ -116,6 +116,10 @@ def test_prepared_shards_carry_the_chat_mask(tmp_path):
   expected = _expected(tok_dir)
   first = batch['inputs'][0, :len(expected[0][0])].tolist() == expected[0][0]
   _check_packed(batch, expected if first else expected[::-1])
+  # The template is baked into the prepared tokens: a run with another one is refused.
+  cfg.data.chat_template = 'default'
+  with pytest.raises(DataError, match='config key data.chat_template: .* prepare the data again'):
+    next(lm_data.make_pipeline(cfg, tokenizer, 'train'))
 
 
 def test_bad_records_name_file_and_line(tmp_path):

@@ -35,7 +35,8 @@ from lm.data.prepared import PREPARED_FORMAT, PREPARED_META, shard_name
 from lm.data.sources import check_data_config, components, label_sort_key, validation_component
 from lm.data.split import split_rank
 from lm.data.stats import SPLITS, DataError, DataStats, OnError
-from lm.data.tokenize import decode_prepared, encode_prepared, task_template, tokenize_records
+from lm.data.tokenize import (decode_prepared, encode_prepared, task_template,
+                               template_fingerprint, tokenize_records)
 from lm.data.units import Unit, list_units
 
 _HEADER = struct.Struct('<16sdii')  # content hash, rank, text bytes, label bytes.
@@ -106,7 +107,8 @@ def _tokenize_unit(job) -> dict:
       np.save(f, np.asarray(signatures, np.uint64).reshape(-1, dedup.NEAR_PERMUTATIONS))
   summary = {'unit': str(unit), 'documents': len(digests), 'tokens': tokens, 'offsets': offsets,
              'labels': sorted(labels) if task == 'classify' else [],
-             'fingerprint': tokenizer.fingerprint, 'stats': stats.to_dict()}
+             'fingerprint': tokenizer.fingerprint, 'template': template_fingerprint(template),
+             'stats': stats.to_dict()}
   files.write_json(_unit_file(out_dir, index, 'json'), summary)
   return summary
 
@@ -208,6 +210,11 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
   if stale:
     raise DataError(f'{out_dir}: units {stale[:10]} were tokenized with another tokenizer; '
                     'delete the work directory or use the same tokenizer.model')
+  template = template_fingerprint(task_template(cfg, tokenizer, task))
+  stale = [i for i, s in enumerate(summaries) if s.get('template') != template]
+  if stale:
+    raise DataError(f'{out_dir}: units {stale[:10]} were tokenized with another chat template '
+                    '(config key data.chat_template); delete the work directory or use the same one')
   stats = DataStats()
   for s in summaries:
     stats.add(DataStats.from_dict(s['stats']))
@@ -238,6 +245,7 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
   results = _run_parallel(_finalize_unit, jobs, workers, lambda s: s)
   finals.update({job[0]: result for job, result in zip(jobs, results)})
   meta = {'format': PREPARED_FORMAT, 'task': task, 'tokenizer_fingerprint': tokenizer.fingerprint,
+          'chat_template': template,
           'vocab_size': tokenizer.vocab_size, 'class_names': names, 'units': len(units),
           'splits': {}, 'data_config': json.loads(json.dumps(d.to_dict(), default=list))}
   for split in SPLITS:

@@ -8,7 +8,7 @@ from etils import epath
 
 from lm.data.stats import DataError, DataStats
 from lm.data.split import fraction_count
-from lm.data.tokenize import decode_prepared
+from lm.data.tokenize import decode_prepared, task_template, template_fingerprint
 
 PREPARED_FORMAT = 2  # 2: one shard per unit and split, record counts in meta.json.
 PREPARED_META = 'meta.json'
@@ -62,6 +62,11 @@ def prepared_dataset(cfg, tokenizer, split: str, task: str) -> tuple['grain.MapD
   if meta['task'] != task:
     raise DataError(f"config key finetune.task: shards were prepared for task '{meta['task']}', "
                     f"not '{task}'")
+  template = template_fingerprint(task_template(cfg, tokenizer, task))
+  if meta.get('chat_template') != template:  # The template is in the tokens: never mix two.
+    raise DataError(f"config key data.chat_template: shards in '{cfg.data.prepared_dir}' were "
+                    f"tokenized with chat template {meta.get('chat_template')}, this run's is "
+                    f'{template}; prepare the data again with this template')
   entry = meta['splits'][split]
   files = [epath.Path(cfg.data.prepared_dir) / f for f in entry['files']]
   for path, count in zip(files, entry['records']):

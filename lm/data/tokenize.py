@@ -13,6 +13,7 @@ per example, no packing.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 
@@ -71,6 +72,11 @@ def task_template(cfg, tokenizer, task: str) -> str | None:
   if task not in TEMPLATE_TASKS:
     return None
   return chat.resolve_template(cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
+
+
+def template_fingerprint(template: str | None) -> str | None:
+  """What prepared shards record of the chat template baked into their tokens (None: none)."""
+  return None if template is None else hashlib.sha256(template.encode()).hexdigest()[:16]
 
 
 def _task_function(task: str, template: str | None) -> Callable[..., Example]:
