@@ -411,8 +411,9 @@ def load_params(path: str | os.PathLike, abstract_params=None, *, allow_new=(),
   """Params from a checkpoint, strictly checked against abstract_params (with shardings).
 
   Paths matched by `allow_new` may be missing from the checkpoint; `init_new(paths)` makes
-  those leaves ({path: array}, freshly initialised: a task head or LoRA adapters). A checkpoint saved
-  in the other layer layout (scanned / unscanned) is converted on the mesh (lm.layout).
+  those leaves ({path: array}, freshly initialised: a task head or LoRA adapters). A
+  checkpoint saved in the other layer layout (scanned / unscanned) is converted on the mesh
+  (lm.layout).
   Without abstract_params, everything is restored as saved onto the local devices.
   """
   directory, step = resolve(path)

@@ -153,7 +153,8 @@ def fsdp_working_bytes(built: build.Built) -> float:
   """Gathered parameters + unreduced gradients of the live layers (module docstring)."""
   m = built.model_cfg
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
-  compute_rules = [(name, _drop_axes(axes, ('data', 'fsdp'))) for name, axes in built.cfg.mesh.rules]
+  compute_rules = [(name, _drop_axes(axes, ('data', 'fsdp')))
+                   for name, axes in built.cfg.mesh.rules]
   flat = model_lib.flatten_params(built.abstract_params)
   logical = model_lib.flatten_params(built.logical_specs)
   stored = model_lib.flatten_params(built.params_shardings)

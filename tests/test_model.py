@@ -146,7 +146,8 @@ def test_a_position_outside_the_row_reads_nan_not_a_wrong_angle():
   model = model_lib.build_model(tiny_model_cfg())
   params = host_params(model)
   tokens = np.zeros((1, 16), np.int32)
-  logits_of = lambda positions: np.asarray(jax.jit(model.apply)({'params': params}, tokens, positions))
+  apply = jax.jit(model.apply)
+  logits_of = lambda positions: np.asarray(apply({'params': params}, tokens, positions))
   assert np.isfinite(logits_of(np.arange(16)[None])).all()
   past_the_row = np.arange(16, dtype=np.int32)[None] + 1  # Position 16 in a row of 16.
   assert np.isnan(logits_of(past_the_row)[0, 15]).all()

@@ -214,7 +214,8 @@ def merge_stage(cfg, tokenizer, out_dir, *, workers: int = 1) -> dict:
   stale = [i for i, s in enumerate(summaries) if s.get('template') != template]
   if stale:
     raise DataError(f'{out_dir}: units {stale[:10]} were tokenized with another chat template '
-                    '(config key data.chat_template); delete the work directory or use the same one')
+                    '(config key data.chat_template); delete the work directory or use the '
+                    'same template')
   stats = DataStats()
   for s in summaries:
     stats.add(DataStats.from_dict(s['stats']))
