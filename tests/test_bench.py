@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from lm import config, metrics, model as model_lib, op_profile, step, torch_reference
-from helpers import ROOT, load_config_file
+from helpers import ROOT, load_config_file, subprocess_env
 
 
 def bench_config(**model_overrides):
@@ -64,7 +64,7 @@ def test_bench_cli_reports_mfu_the_torch_ratio_and_the_op_profile(tmp_path):
        '--steps=2', '--repeats=1', '--config.model.n_layers=1', '--config.data.batch_size=2',
        f'--profile={tmp_path / "trace"}', f'--json={tmp_path / "bench.json"}'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+      env=subprocess_env(None))  # One device, the suite's XLA flags.
   assert out.returncode == 0, out.stderr
   result = json.loads((tmp_path / 'bench.json').read_text())
   assert result['devices'] == 1 and 'whole host' in result['peak_source']
@@ -83,7 +83,7 @@ def test_bench_runs_a_config_whose_vocabulary_comes_from_the_tokenizer(tmp_path)
       [sys.executable, '-m', 'lm.bench', '--config=configs/tiny.py', '--steps=1', '--repeats=1',
        '--config.model.n_layers=1', f'--json={tmp_path / "tiny.json"}'],
       capture_output=True, text=True, cwd=ROOT, timeout=300,
-      env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=''))
+      env=subprocess_env(None))  # One device, the suite's XLA flags.
   assert out.returncode == 0, out.stderr
   result = json.loads((tmp_path / 'tiny.json').read_text())
   assert result['tokens_per_step'] == 16 * 128 and result['hfu'] >= result['mfu'] > 0
