@@ -214,7 +214,8 @@ def test_a_repeated_batch_is_learned_to_near_zero_loss():
   cfg = config.base_config()
   cfg.model = tiny_model_cfg(n_kv_heads=2)
   cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.weight_decay = 3e-3, 10, 0.0
-  cfg.data.seq_len, cfg.train.steps = 16, 300
+  # 150 steps end at loss 0.012 (measured; 0.030 at 120): a quarter of the bound below.
+  cfg.data.seq_len, cfg.train.steps = 16, 150
   mesh_cfg = cfg.mesh
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 2, 2
   mesh = sharding.make_mesh(mesh_cfg)
@@ -225,11 +226,11 @@ def test_a_repeated_batch_is_learned_to_near_zero_loss():
       step.make_train_step(built.model, built.tx, built.schedule, built.trainable),
       built.state_shardings, jax.tree.map(lambda x: x.sharding, batch))
   with sharding.activate(mesh, mesh_cfg.rules):
-    for _ in range(300):
+    for _ in range(cfg.train.steps):
       # Block each step: in-flight steps on fake CPU devices can deadlock their collectives.
       state, metrics = jax.block_until_ready(train_step(state, batch))
   assert float(metrics['loss']) < 0.05
-  assert int(state.step) == 300
+  assert int(state.step) == cfg.train.steps
 
 
 def test_gradient_accumulation_matches_one_big_batch():
