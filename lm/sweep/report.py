@@ -6,6 +6,7 @@ import csv
 import math
 import os
 import re
+import statistics
 from typing import Any
 
 from lm.sweep.spec import Plot, Sweep, Table
@@ -110,15 +111,13 @@ def fmt_cell(values: list | None) -> str:
   how many, never just the last one. Trials without a value (failed) are counted apart."""
   if not values:
     return ''
+  if len(values) == 1:
+    return fmt(values[0])
   numbers = [v for v in values if is_number(v)]
-  if len(values) == 1 or not numbers:
-    return fmt(values[-1]) if len(values) == 1 else f'– (0/{len(values)})'
   count = f'({len(numbers)}/{len(values)})'
-  if len(numbers) == 1:
-    return f'{fmt(numbers[0])} {count}'
-  mean = sum(numbers) / len(numbers)
-  sd = math.sqrt(sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1))
-  return f'{fmt(float(mean))} ± {fmt(float(sd))} {count}'
+  if len(numbers) < 2:
+    return f'{fmt(numbers[0]) if numbers else "–"} {count}'
+  return f'{fmt(statistics.fmean(numbers))} ± {fmt(statistics.stdev(numbers))} {count}'
 
 
 def pivot_markdown(rows: list[dict], table: Table) -> str:
