@@ -157,3 +157,24 @@ def test_an_explicit_architecture_that_differs_from_the_checkpoint_lists_the_key
   ft.model.scan_layers = True
   finetune.inherit_architecture(ft)
   assert (ft.model.d_model, ft.model.n_layers, ft.model.scan_layers) == (32, 3, True)
+
+
+def test_replicated_arrays_large_and_small_round_trip(tmp_path):
+  # Replicated over 8 devices: the large array's copies each write a 1 MiB piece (Orbax's
+  # replica-parallel save), the small one is written whole by one copy.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('x',))
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  rows = 8 * checkpoint.MIN_BYTES_PER_REPLICA_SLICE // (4 * 256)
+  params = {'large': jnp.arange(rows * 256, dtype=jnp.float32).reshape(rows, 256),
+            'small': jnp.arange(64, dtype=jnp.float32)}
+  state = step.TrainState(step=jnp.asarray(3, jnp.int32), rng=jax.random.key(0),
+                          params=jax.device_put(params, replicated), opt_state={})
+  manager = checkpoint.make_manager(tmp_path / 'checkpoints', async_save=False)
+  checkpoint.save(manager, 3, state, force=True)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        state)
+  restored, latest = checkpoint.restore_latest(manager, target)
+  assert latest == 3
+  for name, value in params.items():
+    np.testing.assert_array_equal(np.asarray(restored.params[name]), np.asarray(value),
+                                  err_msg=name)
