@@ -88,19 +88,28 @@ MIN_BYTES_PER_REPLICA_SLICE = 1 << 20
 _array_handler_registered = False
 
 
+def register_type_handler(ty, handler) -> None:
+  """Registers `handler` for leaves of type `ty` in Orbax's global registry, quietly: Orbax
+  warns on every override, and a user's error must stay the only line a failed start prints."""
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(ty, handler, override=True)
+  finally:
+    logging.set_verbosity(level)
+
+
 def _register_array_handler() -> None:
   """jax.Array leaves save with MIN_BYTES_PER_REPLICA_SLICE (once per process, in Orbax's
-  global registry: the PyTree handlers of every manager, and convert's streamed leaves, use it)."""
+  global registry: the PyTree handlers of every manager, and convert's streamed leaves, use it).
+  Orbax's default handler carries an array-metadata store (random-key metadata): so does this
+  one, so the files written do not change."""
   global _array_handler_registered
-  if _array_handler_registered:
-    return
-  # Orbax's default jax.Array handler carries an array-metadata store (random-key metadata);
-  # keep it, so the files written do not change.
-  handler = ocp.type_handlers.ArrayHandler(
-      array_metadata_store=array_metadata_store.Store(),
-      min_slice_bytes_for_replica_parallel=MIN_BYTES_PER_REPLICA_SLICE)
-  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-  _array_handler_registered = True
+  if not _array_handler_registered:
+    register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_BYTES_PER_REPLICA_SLICE))
+    _array_handler_registered = True
 
 
 def make_manager(directory: str | os.PathLike, *, keep: int | None = None, keep_period: int = 0,

@@ -16,6 +16,8 @@ import numpy as np
 from orbax.checkpoint import type_handlers as ocp_types
 from orbax.checkpoint._src.futures import future as ocp_future
 
+from lm import checkpoint
+
 
 @dataclasses.dataclass(frozen=True)
 class StreamedTensor:
@@ -66,12 +68,6 @@ _registered = False
 def register() -> None:
   """Registers the handler with Orbax's global registry (idempotent)."""
   global _registered
-  if not _registered:
-    from absl import logging
-    level = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # Orbax warns that our leaves also write 'np.ndarray'.
-    try:
-      ocp_types.register_type_handler(StreamedTensor, _StreamedTensorHandler(), override=True)
-    finally:
-      logging.set_verbosity(level)
+  if not _registered:  # Quietly: Orbax warns that our leaves also write 'np.ndarray'.
+    checkpoint.register_type_handler(StreamedTensor, _StreamedTensorHandler())
     _registered = True
