@@ -321,7 +321,13 @@ def test_nan_stop_policy_keeps_the_last_good_checkpoint_and_resumes(env, tmp_pat
   assert records(workdir)[-1]['step'] == 3 and records(workdir)[-1]['train/skipped'] == 1
   resumed = env.train(workdir)  # The fault is gone: the run goes on from step 2 as if never hit.
   assert resumed.returncode == 0 and 'resumed at step 2' in resumed.stdout, resumed.stderr
-  assert losses(workdir) == losses(env.straight)
+  # Steps 1-2 ran in the program with the NaN hook, a different XLA program from the straight
+  # run's, which may round the last bit differently (seen with the loop emitters, conftest.py):
+  # the same losses to float32 rounding, not bitwise. A state touched by the NaN would be far off.
+  got, expected = losses(workdir), losses(env.straight)
+  assert sorted(got) == sorted(expected)
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
+                             rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- data faults
