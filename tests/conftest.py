@@ -13,7 +13,8 @@ import tempfile
 # at -O0 too.
 # XLA:CPU's older loop emitters instead of its fusion emitters: a tiny train step compiles in
 # ~2.9 s, not ~4.2 s, and its random init ~30% faster, for ~30% more time per step (measured,
-# 1 and 8 devices; same losses).
+# 1 and 8 devices). Two different programs may round the last bit differently under them
+# (test_reliability's NaN-stop resume).
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), TEST_XLA_FLAGS,
                                     '--xla_force_host_platform_device_count=8']).strip()

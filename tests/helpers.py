@@ -78,6 +78,12 @@ def losses(workdir) -> dict[int, float]:
   return out
 
 
+def assert_same_losses(got: dict, expected: dict, steps, rtol: float = 1e-5):
+  """The runs logged exactly `steps`, with the same losses to rtol."""
+  assert sorted(got) == list(steps), got
+  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=rtol)
+
+
 def xla_flags(devices: int | None = 8) -> str:
   """This test run's XLA_FLAGS (set by conftest.py) with `devices` fake CPU devices, or the
   platform's one device for None: what a subprocess gets to compute what this process does."""

@@ -21,8 +21,8 @@ import pytest
 from lm import checkpoint, config, data, loop
 from lm import tokenizer as tokenizer_lib
 from lm import model as model_lib
-from helpers import (ROOT, TINY_OVERRIDES, cli_args, load_config_file, losses, make_texts,
-                     subprocess_env, tiny_config, write_jsonl)
+from helpers import (ROOT, TINY_OVERRIDES, assert_same_losses, cli_args, load_config_file, losses,
+                     make_texts, subprocess_env, tiny_config, write_jsonl)
 
 # The tiny run of test_train, 4 steps, checkpoints at 2 and 4, two logical data shards.
 OVERRIDES = {**TINY_OVERRIDES, 'train.steps': 4, 'train.checkpoint_every': 2,
@@ -80,11 +80,6 @@ def params_at(path):
       p: jax.ShapeDtypeStruct(shape, dtype, sharding=here)
       for p, (shape, dtype) in checkpoint.params_metadata(path).items()})
   return model_lib.flatten_params(jax.device_get(checkpoint.load_params(path, abstract)))
-
-
-def assert_same_losses(got: dict, expected: dict, steps):
-  assert sorted(got) == list(steps), got
-  np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=1e-5)
 
 
 @pytest.fixture(scope='module')

@@ -26,7 +26,7 @@ from lm import checkpoint, corpus
 from lm.run import preflight_workdir
 from lm import model as model_lib
 from lm.config import ConfigError
-from helpers import TINY_OVERRIDES, subprocess_env
+from helpers import TINY_OVERRIDES, assert_same_losses, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -324,10 +324,8 @@ def test_nan_stop_policy_keeps_the_last_good_checkpoint_and_resumes(env, tmp_pat
   # Steps 1-2 ran in the program with the NaN hook, a different XLA program from the straight
   # run's, which may round the last bit differently (seen with the loop emitters, conftest.py):
   # the same losses to float32 rounding, not bitwise. A state touched by the NaN would be far off.
-  got, expected = losses(workdir), losses(env.straight)
-  assert sorted(got) == sorted(expected)
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
-                             rtol=1e-6)
+  expected = losses(env.straight)
+  assert_same_losses(losses(workdir), expected, sorted(expected), rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- data faults
