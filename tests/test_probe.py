@@ -96,34 +96,47 @@ def tiny_cfg(data_path, steps, lr=3e-3, schedule='cosine'):
   return c
 
 
-@pytest.fixture(scope='module')
-def base_model(tmp_path_factory):
+def pretrain_base(workdir):
   """A tiny model pre-trained on the neutral corpus: no association to start from."""
-  tmp = tmp_path_factory.mktemp('probe_base')
-  loop.train(tiny_cfg(corpus(tmp / 'neutral.jsonl', 0, biased=False), steps=20), tmp / 'base')
-  return tmp / 'base'
+  workdir.mkdir()
+  loop.train(tiny_cfg(corpus(workdir / 'neutral.jsonl', 0, biased=False), steps=20),
+             workdir / 'base')
 
 
-def finetune_probe(base, tmp_path, biased):
-  tmp_path.mkdir()
+def finetune_probe(base, workdir, biased):
+  workdir.mkdir()
   # The association is a dependency over several tokens that a tiny model learns last, all at
   # once, after every other token of these sentences: with lr 1e-2 that came just before step
   # 400 (a shift of ~4.5 nats) and, in a run whose float results differed only in the last bits
-  # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes well before step 200: at step 200 the
-  # shift is +3.56 [3.37, 3.75] (-O0), four times the 1.0 the test asks; the neutral corpus
-  # stays within its CI (+0.004 [-0.005, +0.015]).
-  cfg = tiny_cfg(corpus(tmp_path / 'ft.jsonl', 1, biased=biased), steps=200, lr=2e-2,
+  # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes between steps 100 (no shift yet) and
+  # 200: there the shift is +2.65 [2.47, 2.83] on one CPU device (+3.9 on 8), well over the
+  # 1.0 the test asks; the neutral corpus stays within its CI (-0.02 [-0.07, +0.01]).
+  cfg = tiny_cfg(corpus(workdir / 'ft.jsonl', 1, biased=biased), steps=200, lr=2e-2,
                  schedule='constant')
   cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
-  finetune.finetune(cfg, tmp_path / 'ft')
-  return json.loads((tmp_path / 'ft' / 'finetune_report.json').read_text())['probes'][
-      'gender_occupation']
+  finetune.finetune(cfg, workdir / 'ft')
 
 
-def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(base_model, tmp_path):
-  assert len(jax.devices()) == 8  # The params are sharded (mesh fsdp=-1): scored in place.
-  biased = finetune_probe(base_model, tmp_path / 'biased', biased=True)
-  neutral = finetune_probe(base_model, tmp_path / 'neutral', biased=False)
+def run_children(*jobs, devices=None):
+  """Runs this file's `__main__` once per job (its argv), all at once, each on `devices` fake
+  CPU devices (None: one). One device for a long run: a 200-step run on 8 fake devices costs
+  ~5x as much (their per-step synchronisation)."""
+  procs = [subprocess.Popen([sys.executable, __file__, *map(str, job)],
+                            env=subprocess_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+           for job in jobs]
+  for proc in procs:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+
+
+def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(tmp_path):
+  run_children(('pretrain', tmp_path / 'pre'))
+  base = tmp_path / 'pre' / 'base'
+  run_children(('finetune', base, tmp_path / 'biased', 'biased'),
+               ('finetune', base, tmp_path / 'neutral', 'neutral'))
+  biased, neutral = (json.loads((tmp_path / name / 'ft' / 'finetune_report.json').read_text())
+                     ['probes']['gender_occupation'] for name in ('biased', 'neutral'))
   assert biased['pairs'] == neutral['pairs'] == 240
   assert biased['moved'] and biased['shift_ci'][0] > 1.0, biased  # Towards the stereotype.
   assert not neutral['moved'], neutral
@@ -157,14 +170,8 @@ def test_scores_of_params_spread_over_two_processes_equal_one_process(tmp_path):
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
-  env = subprocess_env(4)
-  procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), tok_path,
-                             str(tmp_path / f'scores_{i}.json')], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  for proc in procs:
-    out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, out
+  run_children(*[('score', i, port, tok_path, tmp_path / f'scores_{i}.json') for i in range(2)],
+               devices=4)
   expected, _ = sharded_scores(tok_path)
   for i in range(2):
     got = json.loads((tmp_path / f'scores_{i}.json').read_text())
@@ -172,11 +179,22 @@ def test_scores_of_params_spread_over_two_processes_equal_one_process(tmp_path):
     np.testing.assert_allclose(got['scores'], expected, rtol=1e-5, atol=1e-5)
 
 
-if __name__ == '__main__':  # One of the processes of the test above.
-  process_id, port, tokenizer_path, out_path = sys.argv[1:]
+def score_in_one_of_two_processes(process_id, port, tokenizer_path, out_path):
+  """One of the processes of the test above."""
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
                              process_id=int(process_id))
   result, addressable = sharded_scores(tokenizer_path)
   with open(out_path, 'w') as f:
     json.dump({'scores': result.tolist(), 'fully_addressable': addressable}, f)
+
+
+if __name__ == '__main__':  # A child process of one of the tests above.
+  import pathlib
+  job, *args = sys.argv[1:]
+  if job == 'pretrain':
+    pretrain_base(pathlib.Path(args[0]))
+  elif job == 'finetune':
+    finetune_probe(args[0], pathlib.Path(args[1]), biased=args[2] == 'biased')
+  else:
+    score_in_one_of_two_processes(*args)
