@@ -47,9 +47,9 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 # The longest test files, longest first (measured): pytest.ini's xdist workers take whole files
 # in collection order, so starting these first keeps one long file from running alone at the end.
-LONGEST_FIRST = ('test_multihost.py', 'test_finetune.py', 'test_reliability.py', 'test_model.py',
-                 'test_train.py', 'test_probe.py', 'test_sweep.py', 'test_loop.py',
-                 'test_convert_families.py', 'test_selection.py')
+LONGEST_FIRST = ('test_multihost.py', 'test_reliability.py', 'test_model.py', 'test_finetune.py',
+                 'test_loop.py', 'test_convert_families.py', 'test_sweep.py', 'test_probe.py',
+                 'test_replay.py', 'test_train.py', 'test_bench.py', 'test_cli.py')
 
 
 def pytest_configure(config):
