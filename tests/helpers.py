@@ -50,8 +50,17 @@ def cli_args(overrides: dict) -> list[str]:
 
 
 def final_params(workdir) -> dict:
-  """{path: host array} of the params in a run's latest checkpoint."""
+  """{path: host array} of the params in a checkpoint (a step directory, or a run's workdir:
+  its latest)."""
   return model_lib.flatten_params(jax.device_get(checkpoint.load_params(workdir)))
+
+
+def assert_same_params(a, b):
+  """Two checkpoints (step directories or run workdirs) hold bitwise-equal params."""
+  params_a, params_b = final_params(a), final_params(b)
+  assert params_a.keys() == params_b.keys()
+  for path, value in params_a.items():
+    np.testing.assert_array_equal(value, params_b[path], err_msg=path)
 
 
 def sigterm_at_step(cmd, step: int, env, timeout: int = 300) -> str:

@@ -10,11 +10,10 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from lm import data
-from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, losses, sigterm_at_step,
+from helpers import (ROOT, TINY_OVERRIDES, assert_same_params, cli_args, losses, sigterm_at_step,
                      subprocess_env, tiny_config)
 
 OVERRIDES = {**TINY_OVERRIDES, 'mesh.data': 1, 'train.steps': 16, 'train.checkpoint_every': 6,
@@ -51,8 +50,7 @@ def test_in_flight_loop_gives_the_blocking_loops_losses(runs):
   in_flight, blocking = losses(base / 'in_flight'), losses(base / 'blocking')
   assert sorted(in_flight) == list(range(1, 17))
   assert in_flight == blocking  # Bitwise: the same steps on the same batches.
-  for path, value in final_params(base / 'blocking').items():
-    np.testing.assert_array_equal(final_params(base / 'in_flight')[path], value, err_msg=path)
+  assert_same_params(base / 'in_flight', base / 'blocking')
 
 
 def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
@@ -64,8 +62,7 @@ def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
   assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
   train(workdir)
   assert losses(workdir) == losses(base / 'in_flight')
-  for path, value in final_params(base / 'in_flight').items():
-    np.testing.assert_array_equal(final_params(workdir)[path], value, err_msg=path)
+  assert_same_params(workdir, base / 'in_flight')
 
 
 def test_processes_agree_on_the_stop_step_when_one_gets_sigterm(tmp_path):

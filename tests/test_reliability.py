@@ -24,9 +24,8 @@ import pytest
 
 from lm import checkpoint, corpus
 from lm.run import preflight_workdir
-from lm import model as model_lib
 from lm.config import ConfigError
-from helpers import TINY_OVERRIDES, assert_same_losses, subprocess_env
+from helpers import TINY_OVERRIDES, assert_same_losses, assert_same_params, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -127,17 +126,6 @@ def step_dirs(workdir) -> list[int]:
   if not os.path.isdir(directory):
     return []
   return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
-def params_of(step_dir):
-  return model_lib.flatten_params(checkpoint.load_params(step_dir))
-
-
-def assert_same_params(step_dir_a, step_dir_b):
-  a, b = params_of(step_dir_a), params_of(step_dir_b)
-  assert a.keys() == b.keys()
-  for path, value in a.items():
-    np.testing.assert_array_equal(np.asarray(value), np.asarray(b[path]), err_msg=path)
 
 
 def one_line_error(result, *fragments):

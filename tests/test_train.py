@@ -10,7 +10,7 @@ import pytest
 
 from lm import checkpoint, config, evaluate, loop
 from lm.run import build_run
-from helpers import (ROOT, TINY_OVERRIDES, cli_args, final_params, load_config_file, losses,
+from helpers import (ROOT, TINY_OVERRIDES, assert_same_params, cli_args, load_config_file, losses,
                      sigterm_at_step, subprocess_env, tiny_config)
 
 
@@ -39,9 +39,7 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(straight_run, tmp_
   assert resumed.returncode == 0, resumed.stdout + resumed.stderr
   assert f'resumed at step {stopped_at}' in resumed.stdout
   assert losses(workdir) == losses(straight_dir)
-  resumed_params, straight_params = final_params(workdir), final_params(straight_dir)
-  for path, value in straight_params.items():
-    np.testing.assert_array_equal(resumed_params[path], value, err_msg=path)
+  assert_same_params(workdir, straight_dir)
 
 
 # Covered in the default run by test_multihost.py::test_restore_onto_a_2x2x2_mesh_continues_with_
