@@ -242,8 +242,9 @@ def shard_setup(tmp_path_factory):
   path = write_jsonl(tmp_path_factory.mktemp('shards') / 'd.jsonl',
                      [{'text': t} for t in make_texts(80)])
   cfg = config.base_config()
+  # A window of 64, not the default 10,000: on 80 documents that would read 125 epochs first.
   cfg.data.update(source='jsonl', paths=(path,), seq_len=32, batch_size=8, shard_count=4,
-                  prefetch_batches=0)
+                  prefetch_batches=0, shuffle_window=64)
   return cfg, tok
 
 

@@ -38,10 +38,13 @@ def cfg(tmp_path):
   c = config.base_config()
   c.data.update(source='jsonl', paths=(write_jsonl(tmp_path / 'domain.jsonl',
                                                    texts(DOMAIN_WORDS, 80, 2)),),
-                seq_len=32, batch_size=8, prefetch_batches=0)
+                seq_len=32, batch_size=8, prefetch_batches=0, shuffle_window=64)
   c.finetune.replay = 0.25
   c.finetune.replay_data.update(source='jsonl', paths=(write_jsonl(tmp_path / 'replay.jsonl',
-                                                                   texts(REPLAY_WORDS, 80, 3)),))
+                                                                   texts(REPLAY_WORDS, 80, 3)),),
+                                shuffle_window=64)
+  # Windows of 64 documents, not the default 10,000: on 80 documents that would read 125 epochs
+  # before the first batch (~1 s a pipeline, and these tests build dozens).
   return c
 
 
