@@ -60,7 +60,8 @@ def test_sigterm_mid_flight_then_resume_is_bitwise_exact(runs, tmp_path):
   stopped_at = max(losses(workdir))
   assert 'stopping at step' in output and 3 <= stopped_at < 16
   assert os.path.isdir(workdir / 'checkpoints' / str(stopped_at))
-  train(workdir)
+  resumed = train(workdir)
+  assert f'resumed at step {stopped_at}' in resumed.stdout, resumed.stdout
   assert losses(workdir) == losses(base / 'in_flight')
   assert_same_params(workdir, base / 'in_flight')
 

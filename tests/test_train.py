@@ -22,6 +22,11 @@ def straight_run(tmp_path_factory):
   return workdir, summary
 
 
+# Covered in the default run by test_loop.py::test_sigterm_mid_flight_then_resume_is_bitwise_exact
+# (SIGTERM, save, resume: the same losses and bitwise params, on one device, in-flight loop), by
+# test_loop.py's two-process SIGTERM test (sharded state, 8 devices, saved at the agreed step) and
+# by test_multihost.py's restores of sharded checkpoints. This one adds 8 devices in one process.
+@pytest.mark.slow
 def test_sigterm_then_resume_reproduces_the_uninterrupted_run(straight_run, tmp_path):
   straight_dir, _ = straight_run
   workdir = tmp_path / 'interrupted'
