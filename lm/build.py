@@ -17,6 +17,7 @@ onto one device: what decoding and Hugging Face export need.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -109,7 +110,13 @@ def build(cfg: ml_collections.ConfigDict, mesh, *, finetune: bool | None = None,
   m = model_config(cfg)
   model = model_lib.build_model(m, section, decode=decode)
   init = step_lib.init_fn(model, cfg.data.seq_len, m.num_classes)
-  boxed = jax.eval_shape(init, jax.random.key(cfg.seed))
+  # On a concrete mesh, traced under the mesh and rules as the sharded init traces it: that init
+  # then reuses this trace (JAX caches it per function and context) instead of tracing the
+  # model again (~0.15 s for a tiny model, seconds for a deep unscanned one).
+  in_mesh = (sharding.activate(mesh, cfg.mesh.rules) if isinstance(mesh, jax.sharding.Mesh)
+             else contextlib.nullcontext())
+  with in_mesh:
+    boxed = jax.eval_shape(init, jax.random.key(cfg.seed))
   logical_specs = nn.get_partition_spec(boxed)
   params_shardings = sharding.logical_to_shardings(logical_specs, mesh, cfg.mesh.rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
