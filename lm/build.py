@@ -112,7 +112,7 @@ def build(cfg: ml_collections.ConfigDict, mesh, *, finetune: bool | None = None,
   init = step_lib.init_fn(model, cfg.data.seq_len, m.num_classes)
   # On a concrete mesh, traced under the mesh and rules as the sharded init traces it: that init
   # then reuses this trace (JAX caches it per function and context) instead of tracing the
-  # model again (~0.15 s for a tiny model, seconds for a deep unscanned one).
+  # model again (measured on the tiny test model: 0.2 s -> 0.06 s).
   in_mesh = (sharding.activate(mesh, cfg.mesh.rules) if isinstance(mesh, jax.sharding.Mesh)
              else contextlib.nullcontext())
   with in_mesh:

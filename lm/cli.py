@@ -115,9 +115,10 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
       if verbose:
         raise
       _exit_with_one_line(e)
-    # The run closed everything it wrote. Freezing skips the interpreter's last full garbage
-    # collection at exit, over every object JAX's tracing left: ~0.6 s of CPU per process for
-    # a tiny run (py-spy: gc_collect_main after the last atexit handler). atexit still runs.
+    # main (train, finetune, bench) has closed every file and checkpoint manager it opened.
+    # Freezing skips the interpreter's last full garbage collection at exit, over every object
+    # JAX's tracing left: ~0.5 s of CPU per process for a tiny run (py-spy: gc_collect_main
+    # after the last atexit handler). atexit handlers still run.
     gc.freeze()
 
   app.run(guarded, argv=argv, flags_parser=_parse_flags)
