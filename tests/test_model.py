@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import build, config, layers, model as model_lib, optim, sharding, step
+from lm import build, config, layers, memory, model as model_lib, optim, sharding, step
 from helpers import host_params, random_batch, tiny_model_cfg
 
 
@@ -78,22 +78,19 @@ def test_params_and_adam_state_shrink_with_fsdp():
   cfg.model = tiny_model_cfg(vocab_size=512, d_model=128, mlp_dim=512)
   cfg.data.seq_len, cfg.train.steps = 16, 10
 
-  def built_on(n):
+  def planned_bytes(n):  # lm.memory's per-device params + optimizer state, nothing allocated.
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, n, 1
-    return build.build(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:n]))
+    planned = memory.plan(cfg, n, compile=False)['bytes']
+    return planned['params'] + planned['optimizer']
 
-  def planned_bytes(built):  # What one device will hold, from shapes and shardings alone.
-    shapes = built.abstract_state()
-    tree = (shapes.params, shapes.opt_state)
-    return sharding.sharded_bytes(tree, jax.tree.map(lambda x: x.sharding, tree))
-
-  planned = {n: planned_bytes(built_on(n)) for n in (1, 2, 4, 8)}
+  planned = {n: planned_bytes(n) for n in (1, 2, 4, 8)}
   for n in (2, 4, 8):
     ratio = planned[1] / planned[n]
     assert 0.9 * n <= ratio <= n, (n, ratio, planned)
   # The real state on 8 devices holds exactly the planned bytes on each device (one sharded
   # init compiled, not four).
-  state = built_on(8).init_state()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 8, 1
+  state = build.build(cfg, sharding.make_mesh(cfg.mesh)).init_state()
   assert sharding.per_device_bytes((state.params, state.opt_state)) == planned[8]
 
 
