@@ -21,8 +21,8 @@ import pytest
 from lm import checkpoint, config, data, loop
 from lm import tokenizer as tokenizer_lib
 from lm import model as model_lib
-from helpers import (ROOT, TINY_OVERRIDES, assert_same_losses, cli_args, load_config_file, losses,
-                     make_texts, subprocess_env, tiny_config, write_jsonl)
+from helpers import (ROOT, TINY_OVERRIDES, assert_same_losses, cli_args, data_cfg, load_config_file,
+                     losses, make_texts, subprocess_env, tiny_config, write_jsonl)
 
 # The tiny run of test_train, 4 steps, checkpoints at 2 and 4, two logical data shards.
 OVERRIDES = {**TINY_OVERRIDES, 'train.steps': 4, 'train.checkpoint_every': 2,
@@ -241,10 +241,7 @@ def shard_setup(tmp_path_factory):
   tok = tokenizer_lib.train_tokenizer(make_texts(50), tok_cfg)
   path = write_jsonl(tmp_path_factory.mktemp('shards') / 'd.jsonl',
                      [{'text': t} for t in make_texts(80)])
-  cfg = config.base_config()
-  # A window of 64, not the default 10,000: on 80 documents that would read 125 epochs first.
-  cfg.data.update(source='jsonl', paths=(path,), seq_len=32, batch_size=8, shard_count=4,
-                  prefetch_batches=0, shuffle_window=64)
+  cfg = data_cfg(source='jsonl', paths=(path,), batch_size=8, shard_count=4)
   return cfg, tok
 
 

@@ -9,6 +9,7 @@ import pytest
 from lm import config, data, finetune, replay
 from lm import tokenizer as tokenizer_lib
 from lm.config import ConfigError
+from helpers import data_cfg
 
 # Two sources with disjoint words, so every row can be traced to its source by its tokens.
 DOMAIN_WORDS = 'alpha beta gamma delta epsilon zeta theta kappa lambda sigma'.split()
@@ -35,16 +36,12 @@ def tok():
 
 @pytest.fixture
 def cfg(tmp_path):
-  c = config.base_config()
-  c.data.update(source='jsonl', paths=(write_jsonl(tmp_path / 'domain.jsonl',
-                                                   texts(DOMAIN_WORDS, 80, 2)),),
-                seq_len=32, batch_size=8, prefetch_batches=0, shuffle_window=64)
+  c = data_cfg(source='jsonl', paths=(write_jsonl(tmp_path / 'domain.jsonl',
+                                                  texts(DOMAIN_WORDS, 80, 2)),), batch_size=8)
   c.finetune.replay = 0.25
   c.finetune.replay_data.update(source='jsonl', paths=(write_jsonl(tmp_path / 'replay.jsonl',
                                                                    texts(REPLAY_WORDS, 80, 3)),),
-                                shuffle_window=64)
-  # Windows of 64 documents, not the default 10,000: on 80 documents that would read 125 epochs
-  # before the first batch (~1 s a pipeline, and these tests build dozens).
+                                shuffle_window=c.data.shuffle_window)  # data_cfg's small window.
   return c
 
 
