@@ -109,21 +109,31 @@ def finetune_probe(base, workdir, biased):
   # once, after every other token of these sentences: with lr 1e-2 that came just before step
   # 400 (a shift of ~4.5 nats) and, in a run whose float results differed only in the last bits
   # (XLA at -O0), not yet (0.44). With lr 2e-2 it comes between steps 100 (no shift yet) and
-  # 200: there the shift is +2.65 [2.47, 2.83] on one CPU device (+3.9 on 8), well over the
-  # 1.0 the test asks; the neutral corpus stays within its CI (-0.02 [-0.07, +0.01]).
+  # 200: there the shift is +2.65 [2.47, 2.83] on one CPU device at -O0 (+3.44 [3.32, 3.56] at
+  # -O1, +3.9 on 8 devices), well over the 1.0 the test asks; the neutral corpus stays within
+  # its CI (-0.02 [-0.07, +0.01] at -O0, -0.004 [-0.018, +0.008] at -O1).
   cfg = tiny_cfg(corpus(workdir / 'ft.jsonl', 1, biased=biased), steps=200, lr=2e-2,
                  schedule='constant')
   cfg.finetune.update(restore_from=str(base), general_eval=False, probes=('gender_occupation',))
   finetune.finetune(cfg, workdir / 'ft')
 
 
-def run_children(*jobs, devices=None):
+def pretrain_then_finetune_both(root):
+  """The base run, then its biased and neutral fine-tunes, one after the other in one process:
+  the two fine-tunes reuse its imports and warm caches."""
+  root.mkdir()
+  pretrain_base(root / 'pre')
+  for name in ('biased', 'neutral'):
+    finetune_probe(root / 'pre' / 'base', root / name, biased=name == 'biased')
+
+
+def run_children(*jobs, devices=None, env=None):
   """Runs this file's `__main__` once per job (its argv), all at once, each on `devices` fake
-  CPU devices (None: one). One device for a long run: on 8 fake devices a step of this model
-  took 150-190 ms, on one 50-80 ms (their per-step synchronisation)."""
+  CPU devices (None: one) unless `env` is given. One device for a long run: on 8 fake devices
+  a step of this model took 150-190 ms, on one 50-80 ms (their per-step synchronisation)."""
   procs = [subprocess.Popen([sys.executable, __file__, *map(str, job)],
-                            env=subprocess_env(devices), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            env=env or subprocess_env(devices), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for job in jobs]
   for proc in procs:
     out = proc.communicate(timeout=600)[0]
@@ -131,11 +141,15 @@ def run_children(*jobs, devices=None):
 
 
 def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(tmp_path):
-  run_children(('pretrain', tmp_path / 'pre'))
-  base = tmp_path / 'pre' / 'base'
-  run_children(('finetune', base, tmp_path / 'biased', 'biased'),
-               ('finetune', base, tmp_path / 'neutral', 'neutral'))
-  biased, neutral = (json.loads((tmp_path / name / 'ft' / 'finetune_report.json').read_text())
+  # 440 steps in one process: nothing of it is compared bitwise with this process, so LLVM runs
+  # at -O1, not the suite's -O0. A step runs ~2x faster for a slower compile: 46 s of CPU for
+  # the three runs, not 55 s (65 s as three processes at -O0).
+  env = subprocess_env(devices=None)
+  assert '--xla_backend_optimization_level=0' in env['XLA_FLAGS']
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace('--xla_backend_optimization_level=0',
+                                              '--xla_backend_optimization_level=1')
+  run_children(('pretrain_then_finetune_both', tmp_path / 'runs'), env=env)
+  biased, neutral = (json.loads((tmp_path / 'runs' / name / 'ft' / 'finetune_report.json').read_text())
                      ['probes']['gender_occupation'] for name in ('biased', 'neutral'))
   assert biased['pairs'] == neutral['pairs'] == 240
   assert biased['moved'] and biased['shift_ci'][0] > 1.0, biased  # Towards the stereotype.
@@ -192,11 +206,9 @@ def score_in_one_of_two_processes(process_id, port, tokenizer_path, out_path):
 if __name__ == '__main__':  # A child process of one of the tests above.
   import pathlib
   job, *args = sys.argv[1:]
-  if job == 'pretrain':
-    pretrain_base(pathlib.Path(args[0]))
-  elif job == 'finetune':
-    finetune_probe(args[0], pathlib.Path(args[1]), biased=args[2] == 'biased')
+  if job == 'pretrain_then_finetune_both':
+    pretrain_then_finetune_both(pathlib.Path(args[0]))
   elif job == 'score':
     score_in_one_of_two_processes(*args)
   else:
-    sys.exit(f'unknown job {job!r}: pretrain, finetune or score')
+    sys.exit(f'unknown job {job!r}: pretrain_then_finetune_both or score')
