@@ -29,7 +29,9 @@ TINY = {
     'train.eval_batches': 2, 'train.checkpoint_every': 1000, 'train.sample_tokens': 0,
     'train.peak_flops': 1e12, 'optim.warmup_steps': 5, 'mesh.data': 1, 'mesh.fsdp': 1,
 }
-STEPS = 60  # Long enough (~1 s at ~20 ms a step) to stop the second trial part-way.
+# Long enough to stop the second trial part-way: ~2 s at ~60 ms a step (one device, the suite's
+# XLA flags).
+STEPS = 30
 
 
 def stage(**kw):
