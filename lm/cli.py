@@ -100,6 +100,10 @@ def define_run_flags(default_config: str):
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
   """absl.app.run(main) with one-line errors for user mistakes."""
+  # What is alive now (the imported modules, their functions and constants) lives until exit:
+  # frozen, it is never scanned again by the collections that tracing triggers (gen-2 time of
+  # a tiny train.py run: 0.31-0.33 s -> 0.13 s, measured with gc.callbacks).
+  gc.freeze()
   argv = list(sys.argv if argv is None else argv)
   verbose = '--verbose' in argv or '--verbose=true' in argv
   precheck(argv)
