@@ -168,7 +168,7 @@ def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError, begin: int = 
                 end: int = -1) -> Iterator[Record]:
   """Records of the lines that start in bytes [begin, end) (end -1: the end of the file)."""
   nonblank, base = 0, _line_base(path, begin)
-  path_name = str(path)  # Once: an epath's str() costs more than parsing a short line.
+  path_name = str(path)  # Once per file: an epath's str() costs more than a short line.
   with path.open('rb') as f:
     if begin:
       f.seek(begin - 1)
@@ -186,7 +186,7 @@ def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError, begin: int = 
       if not raw.strip():
         continue  # Blank lines (a trailing newline) hold no record.
       nonblank += 1
-      where = lambda n=number: f'{path}:{base() + n - 1}'  # pylint: disable=cell-var-from-loop
+      where = lambda n=number: f'{path_name}:{base() + n - 1}'  # pylint: disable=cell-var-from-loop
       line = decode_utf8(raw, path_name, number, on_error, base)
       if line is None:
         continue
@@ -197,8 +197,8 @@ def _read_jsonl(path: epath.Path, task: str, d, on_error: OnError, begin: int = 
         continue
       record = record_from_object(obj, task, d, where, on_error)
       if record is not None and task == 'chat':
-        record = record._replace(origin=f'{path}:{number}' if not begin else
-                                 f'{path}:line {number} from byte {start}')
+        record = record._replace(origin=f'{path_name}:{number}' if not begin else
+                                 f'{path_name}:line {number} from byte {start}')
       if record is not None:
         yield record
     if not nonblank and not begin and not any(raw.strip() for raw in f):
