@@ -93,21 +93,26 @@ def assert_same_losses(got: dict, expected: dict, steps, rtol: float = 1e-5):
   np.testing.assert_allclose([got[s] for s in steps], [expected[s] for s in steps], rtol=rtol)
 
 
-def xla_flags(devices: int | None = 8) -> str:
+def xla_flags(devices: int | None = 8, llvm_opt_level: int | None = None) -> str:
   """This test run's XLA_FLAGS (set by conftest.py) with `devices` fake CPU devices, or the
-  platform's one device for None: what a subprocess gets to compute what this process does."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count=')]
-  if devices is not None:
-    flags.append(f'--xla_force_host_platform_device_count={devices}')
-  return ' '.join(flags)
+  platform's one device for None: what a subprocess gets to compute what this process does.
+  llvm_opt_level replaces the suite's -O0, for a long run that is compared bitwise with nothing."""
+  drop = ['--xla_force_host_platform_device_count=']
+  add = [] if devices is None else [f'--xla_force_host_platform_device_count={devices}']
+  if llvm_opt_level is not None:
+    drop.append('--xla_backend_optimization_level=')
+    add.append(f'--xla_backend_optimization_level={llvm_opt_level}')
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if not f.startswith(tuple(drop))]
+  return ' '.join(flags + add)
 
 
-def subprocess_env(devices: int | None = 8) -> dict[str, str]:
+def subprocess_env(devices: int | None = 8, llvm_opt_level: int | None = None) -> dict[str, str]:
   """The environment of a train.py / finetune.py / lm tool subprocess: this run's XLA flags with
-  `devices` fake CPU devices (None: one), the repository importable, CPU only. The run's
-  compilation cache (conftest.py) comes with os.environ: a later launch compiles less."""
-  return dict(os.environ, XLA_FLAGS=xla_flags(devices), PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  `devices` fake CPU devices (None: one) and, if given, that LLVM level, the repository
+  importable, CPU only. The run's compilation cache (conftest.py) comes with os.environ: a later
+  launch compiles less."""
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices, llvm_opt_level), PYTHONPATH=ROOT,
+              JAX_PLATFORMS='cpu')
 
 
 # --------------------------------------------------------------------------- model tests

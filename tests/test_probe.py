@@ -127,12 +127,13 @@ def pretrain_then_finetune_both(root):
     finetune_probe(root / 'pre' / 'base', root / name, biased=name == 'biased')
 
 
-def run_children(*jobs, devices=None, env=None):
+def run_children(*jobs, devices=None, llvm_opt_level=None):
   """Runs this file's `__main__` once per job (its argv), all at once, each on `devices` fake
-  CPU devices (None: one) unless `env` is given. One device for a long run: on 8 fake devices
-  a step of this model took 150-190 ms, on one 50-80 ms (their per-step synchronisation)."""
+  CPU devices (None: one) at the suite's XLA flags (or that LLVM level). One device for a long
+  run: on 8 fake devices a step of this model took 150-190 ms, on one 50-80 ms (their per-step
+  synchronisation)."""
   procs = [subprocess.Popen([sys.executable, __file__, *map(str, job)],
-                            env=env or subprocess_env(devices), cwd=ROOT,
+                            env=subprocess_env(devices, llvm_opt_level), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for job in jobs]
   for proc in procs:
@@ -144,12 +145,9 @@ def test_probe_moves_with_a_biased_corpus_and_not_with_a_neutral_one(tmp_path):
   # 440 steps in one process: nothing of it is compared bitwise with this process, so LLVM runs
   # at -O1, not the suite's -O0. A step runs ~2x faster for a slower compile: 46 s of CPU for
   # the three runs, not 55 s (65 s as three processes at -O0).
-  env = subprocess_env(devices=None)
-  assert '--xla_backend_optimization_level=0' in env['XLA_FLAGS']
-  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace('--xla_backend_optimization_level=0',
-                                              '--xla_backend_optimization_level=1')
-  run_children(('pretrain_then_finetune_both', tmp_path / 'runs'), env=env)
-  biased, neutral = (json.loads((tmp_path / 'runs' / name / 'ft' / 'finetune_report.json').read_text())
+  run_children(('pretrain_then_finetune_both', tmp_path / 'runs'), llvm_opt_level=1)
+  runs = tmp_path / 'runs'
+  biased, neutral = (json.loads((runs / name / 'ft' / 'finetune_report.json').read_text())
                      ['probes']['gender_occupation'] for name in ('biased', 'neutral'))
   assert biased['pairs'] == neutral['pairs'] == 240
   assert biased['moved'] and biased['shift_ci'][0] > 1.0, biased  # Towards the stereotype.
