@@ -16,10 +16,13 @@ from lm import model as model_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny, fast pre-training run on the built-in corpus. A configured peak: measuring it (a
-# 1024^3 matmul timed 20 times, 0.6 s) is test_bench's, not every launch's.
+# A tiny, fast pre-training run on the built-in corpus. One layer: what these runs check (resume,
+# sharding, the loop, the CLI) does not depend on depth, and each layer adds ~30% to a tiny run's
+# compile and step time; a test about layers (freezing one, stacking them) asks for more. A
+# configured peak: measuring it (a 1024^3 matmul timed 20 times, 0.6 s) is test_bench's, not
+# every launch's.
 TINY_OVERRIDES = {
-    'model.d_model': 64, 'model.n_layers': 2, 'model.n_heads': 4, 'model.n_kv_heads': 2,
+    'model.d_model': 64, 'model.n_layers': 1, 'model.n_heads': 4, 'model.n_kv_heads': 2,
     'model.mlp_dim': 128, 'tokenizer.vocab_size': 320, 'tokenizer.byte_fallback': False,
     'tokenizer.character_coverage': 0.995, 'data.seq_len': 32, 'data.batch_size': 8,
     'data.train_fraction': 0.1, 'train.steps': 20, 'train.log_every': 1, 'train.eval_every': 0,

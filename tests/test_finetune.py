@@ -195,15 +195,20 @@ def test_classification_head_learns_a_separable_task():
 # --------------------------------------------------------------------------- restore and e2e
 
 
+# Two layers: the per-layer freezing test freezes layer 0 and trains layer 1.
+TWO_LAYERS = {'model.n_layers': 2}
+
+
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pretrained')
-  loop.train(tiny_config(**{'train.steps': 4}), workdir)
+  loop.train(tiny_config(**TWO_LAYERS, **{'train.steps': 4}), workdir)
   return workdir
 
 
 def finetune_config(pretrained, **overrides):
-  cfg = tiny_config(**{'train.steps': 3, 'data.builtin_subset': 'email', **overrides})
+  cfg = tiny_config(**{**TWO_LAYERS, 'train.steps': 3, 'data.builtin_subset': 'email',
+                       **overrides})
   cfg.finetune.restore_from = str(pretrained)
   cfg.finetune.general_eval = True
   cfg.finetune.probes = ('gender_occupation',)

@@ -20,9 +20,9 @@ from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# test_train.TINY_OVERRIDES on one device, with no step-0 eval and no peak-FLOPs measurement.
+# helpers.TINY_OVERRIDES on one device, with no step-0 eval and no peak-FLOPs measurement.
 TINY = {
-    'model.n_layers': 2, 'model.n_heads': 4, 'model.n_kv_heads': 2, 'model.mlp_dim': 128,
+    'model.n_layers': 1, 'model.n_heads': 4, 'model.n_kv_heads': 2, 'model.mlp_dim': 128,
     'tokenizer.vocab_size': 320, 'tokenizer.byte_fallback': False,
     'tokenizer.character_coverage': 0.995, 'data.seq_len': 32, 'data.batch_size': 8,
     'data.train_fraction': 0.1, 'train.log_every': 1, 'train.eval_every': 0,
