@@ -143,9 +143,22 @@ def random_batch(B=8, T=16, vocab=256, seed=0, docs_per_row=1):
 
 
 def host_params(model, T=16, seed=0):
+  """The model's own init, on the host: for a test about the init (its values, dtypes, the
+  zero LoRA B a fine-tune starts from)."""
   # Under jit: one compiled program, not one per operation (eager, each op compiles alone).
   variables = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))
   return jax.device_get(nn.meta.unbox(variables['params']))
+
+
+def random_params(model, std=0.1, seed=0) -> dict:
+  """Random float32 numpy values for every param of `model` (norm scales, biases and LoRA B
+  included: none is zero), from its shapes alone. For a test whose claim holds for any weights
+  (an equivalence, a mask, a round trip): no init program is compiled, which costs 1-3 s per
+  model config at the suite's XLA flags."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda s: rng.normal(0, std, s.shape).astype(np.float32),
+                      nn.meta.unbox(shapes['params']))
 
 
 # --------------------------------------------------------------------------- data

@@ -95,13 +95,6 @@ def random_tokens(vocab, shape=(2, 11), seed=0):
 def random_lm_params(model_cfg, seed=0, finetune=None):
   """Random float32 numpy params for every path (biases, norms, LoRA B included), so nothing
   the mapping could drop is zero."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
+  from helpers import random_params
   from lm import model as lm_model
-  model = lm_model.build_model(model_cfg, finetune)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
-  rng = np.random.RandomState(seed)
-  return {k: rng.normal(0, 0.1, v.shape).astype(np.float32)
-          for k, v in lm_model.flatten_params(nn.meta.unbox(shapes['params'])).items()}
+  return lm_model.flatten_params(random_params(lm_model.build_model(model_cfg, finetune), seed=seed))

@@ -3,7 +3,6 @@ explicit architecture that contradicts the checkpoint named key by key."""
 
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from lm import checkpoint, config, finetune, sharding, step
 from lm import model as model_lib
 from lm.config import ConfigError
+from helpers import random_params
 
 P = jax.sharding.PartitionSpec
 
@@ -100,15 +100,14 @@ def abstract_params(mcfg, mesh_dims=(2, 2, 2)):
                       ab, shardings)
 
 
-def host_params(mcfg):
-  model = model_lib.build_model(mcfg)
-  return jax.device_get(nn.meta.unbox(
-      jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))['params']))
+def some_params(mcfg):
+  """Random weights of the model mcfg describes: a round trip holds for any."""
+  return random_params(model_lib.build_model(mcfg), seed=1)
 
 
 @pytest.mark.parametrize('saved_scan', [True, False])
 def test_a_checkpoint_restores_into_the_other_layer_layout(saved_scan, tmp_path):
-  saved = host_params(model_cfg(saved_scan))
+  saved = some_params(model_cfg(saved_scan))
   cfg = config.base_config()
   cfg.model = model_cfg(saved_scan)
   checkpoint.save_params(tmp_path / 'ckpt', saved, cfg)
@@ -125,14 +124,14 @@ def test_a_checkpoint_restores_into_the_other_layer_layout(saved_scan, tmp_path)
 
 
 def test_layers_that_cannot_be_stacked_name_model_scan_layers(tmp_path):
-  flat = model_lib.flatten_params(host_params(model_cfg(False)))
+  flat = model_lib.flatten_params(some_params(model_cfg(False)))
   flat['layers_1/mlp/wo/kernel'] = flat['layers_1/mlp/wo/kernel'][:32]  # Not stackable.
   cfg = config.base_config()
   checkpoint.save_params(tmp_path / 'ckpt', model_lib.unflatten_params(flat), cfg)
   with pytest.raises(checkpoint.CheckpointError, match='model.scan_layers'):
     checkpoint.load_params(tmp_path / 'ckpt', abstract_params(model_cfg(True)))
   # A layer count that differs is a mismatch whose message names both keys.
-  checkpoint.save_params(tmp_path / 'ckpt4', host_params(model_cfg(True, n_layers=4)), cfg)
+  checkpoint.save_params(tmp_path / 'ckpt4', some_params(model_cfg(True, n_layers=4)), cfg)
   with pytest.raises(checkpoint.CheckpointError, match=r'(?s)model.scan_layers and model.n_layers.*'
                                                        r'unexpected layers_3/'):
     checkpoint.load_params(tmp_path / 'ckpt4', abstract_params(model_cfg(False)))
@@ -141,7 +140,7 @@ def test_layers_that_cannot_be_stacked_name_model_scan_layers(tmp_path):
 def test_an_explicit_architecture_that_differs_from_the_checkpoint_lists_the_keys(tmp_path):
   cfg = config.base_config()
   cfg.model = model_cfg(False)
-  checkpoint.save_params(tmp_path / 'ckpt', host_params(cfg.model), cfg)
+  checkpoint.save_params(tmp_path / 'ckpt', some_params(cfg.model), cfg)
   ft = config.base_config()
   ft.finetune.restore_from = str(tmp_path / 'ckpt')
   ft.model.update(d_model=48, n_layers=3, mlp_dim=96, scan_layers=True)

@@ -13,7 +13,7 @@ from lm import checkpoint, config, finetune, lora, loop, optim, sharding, step
 from lm import run as run_lib
 from lm.evaluate import macro_f1
 from lm import model as model_lib
-from helpers import host_params, random_batch, tiny_config, tiny_model_cfg
+from helpers import host_params, random_batch, random_params, tiny_config, tiny_model_cfg
 
 
 def make_state(model, params, trainable, optim_cfg=None):
@@ -28,7 +28,7 @@ def make_state(model, params, trainable, optim_cfg=None):
 
 def test_frozen_params_stay_bitwise_equal_and_hold_no_optimizer_state():
   model = model_lib.build_model(tiny_model_cfg())
-  params = host_params(model)
+  params = random_params(model)
   ft = config.finetune_config()
   ft.freeze = ('embed/.*', 'layers_0/.*')
   paths = list(model_lib.flatten_params(params))
@@ -66,7 +66,7 @@ def test_frozen_params_stay_bitwise_equal_and_hold_no_optimizer_state():
 
 def test_trainable_patterns_and_lr_multipliers():
   model = model_lib.build_model(tiny_model_cfg())
-  params = host_params(model)
+  params = random_params(model)
   ft = config.finetune_config()
   ft.trainable = ('layers_1/.*', 'final_norm/.*')
   ft.freeze = ('.*norm.*',)
@@ -153,7 +153,7 @@ def test_lora_trains_only_adapters():
 
 def test_sft_loss_ignores_prompt_tokens():
   model = model_lib.build_model(tiny_model_cfg())
-  params = host_params(model)
+  params = random_params(model)
   batch = random_batch()
   batch['loss_mask'][:, :6] = 0.0  # The first 6 targets are prompt tokens.
   loss = step.task_loss(model, params, batch, 'sft', 0.0)[0]

@@ -1,6 +1,5 @@
 """lm.generate: KV-cache decoding equals decoding without a cache; sampling; stops; padding."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 from lm import config as lm_config
 from lm import generate
 from lm import model as lm_model
+from helpers import random_params
 
 
 def tiny_model_cfg(**overrides):
@@ -24,14 +24,9 @@ GEMMA_LIKE = dict(norm_plus_one=True, post_attn_norm=True, post_mlp_norm=True, q
                   global_every=2, rope_local_base=1000.0, final_logit_softcap=5.0, head_dim=16)
 
 
-def random_params(m, seed=0):
-  """Random weights (numpy, so no per-leaf dispatch), larger than the init so every layer
-  matters to the argmax."""
-  model = lm_model.build_model(m)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))
-  rng = np.random.RandomState(seed)
-  return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32),
-                      nn.meta.unbox(shapes['params']))
+def random_weights(m, seed=0):
+  """Random weights larger than the init, so every layer matters to the argmax."""
+  return random_params(lm_model.build_model(m), std=0.3, seed=seed)
 
 
 PROMPTS = [[5, 9, 2, 33, 7, 1, 12], [40], [3, 3, 8]]
@@ -41,7 +36,7 @@ NEW = 10  # Every test decodes this many tokens for PROMPTS, so they share compi
 @pytest.fixture(scope='module')
 def llama_like():
   m = tiny_model_cfg()
-  params = random_params(m)
+  params = random_weights(m)
   return m, params, generate.Generator(m, params)
 
 
@@ -52,7 +47,7 @@ def test_greedy_with_cache_equals_without(overrides, llama_like):
     m, params, gen = llama_like
   else:
     m = tiny_model_cfg(**overrides)
-    params = random_params(tiny_model_cfg(**{**overrides, 'scan_layers': False}))
+    params = random_weights(tiny_model_cfg(**{**overrides, 'scan_layers': False}))
     gen = generate.Generator(m, lm_model.stack_layers(params, m.n_layers) if m.scan_layers else params)
   # Unequal lengths in one batch; each row must equal its own unpadded, uncached decoding.
   batched, _ = gen.generate(PROMPTS, NEW)
@@ -113,7 +108,7 @@ def test_cli_decodes_prompts_and_prints_tokens_per_second(tmp_path, capsys):
   cfg = lm_config.base_config()
   cfg.model = tiny_model_cfg(vocab_size=len(pieces))
   cfg.tokenizer.path = str(tmp_path / 'tokenizer.model')
-  checkpoint.save_params(tmp_path / 'ckpt', random_params(cfg.model), cfg)
+  checkpoint.save_params(tmp_path / 'ckpt', random_weights(cfg.model), cfg)
   assert generate.main([f'--checkpoint={tmp_path / "ckpt"}', '--prompt=ab a', '--prompt=b',
                         '--max_new_tokens=4', '--temperature=0.7', '--top_k=5']) == 0
   out = capsys.readouterr().out

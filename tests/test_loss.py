@@ -2,13 +2,13 @@
 and gradients, tied and untied output projections, soft-capped logits."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lm import loss, step
 from lm import model as model_lib
 from lm.config import base_config
+from helpers import random_params
 
 
 def full_logits_loss(model, params, batch, z_loss):
@@ -31,7 +31,7 @@ def test_chunked_loss_and_gradients_equal_full_logits(tie, softcap):
                segment_ids=np.ones((B, T), np.int32),
                positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)))
   model = model_lib.build_model(m)
-  params = jax.jit(model.init)(jax.random.key(0), batch['inputs'])['params']
+  params = random_params(model)
   assert loss.chunk_size(T, m.logits_chunk) == 12  # 4 chunks: the scan path runs.
 
   def chunked(params):

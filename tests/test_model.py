@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lm import build, config, layers, memory, model as model_lib, optim, sharding, step
-from helpers import host_params, random_batch, tiny_model_cfg
+from helpers import host_params, random_batch, random_params, tiny_model_cfg
 
 
 def loss_and_grads(model, params, batch):
@@ -20,7 +20,7 @@ def loss_and_grads(model, params, batch):
 def test_loss_and_grads_do_not_depend_on_the_mesh(dims):
   mcfg = tiny_model_cfg()
   model = model_lib.build_model(mcfg)
-  params = host_params(model)
+  params = random_params(model)
   batch = random_batch()
   ref_loss, ref_grads = jax.jit(lambda p, b: loss_and_grads(model, p, b))(params, batch)
 
@@ -100,7 +100,7 @@ def test_params_and_adam_state_shrink_with_fsdp():
 def test_scan_and_remat_give_the_same_loss_and_grads(variant):
   base_cfg = tiny_model_cfg(n_layers=3, sliding_window=4, global_every=3, rope_local_base=100.0)
   base = model_lib.build_model(base_cfg)
-  params = host_params(base)
+  params = random_params(base)
   batch = random_batch(docs_per_row=2)
   ref_loss, ref_grads = loss_and_grads(base, params, batch)
 
@@ -129,7 +129,7 @@ def test_chunked_attention_equals_one_block(overrides, chunk):
   """Skipping causally masked key blocks changes nothing: same loss and gradients."""
   batch = random_batch(docs_per_row=2)
   one_block = model_lib.build_model(tiny_model_cfg(attn_query_chunk=0, **overrides))
-  params = host_params(one_block)
+  params = random_params(one_block)
   ref_loss, ref_grads = loss_and_grads(one_block, params, batch)
   chunked = model_lib.build_model(tiny_model_cfg(attn_query_chunk=chunk, **overrides))
   loss, grads = loss_and_grads(chunked, params, batch)
@@ -151,7 +151,7 @@ def test_rope_table_gives_the_angles_computed_per_token():
 
 def test_a_position_outside_the_row_reads_nan_not_a_wrong_angle():
   model = model_lib.build_model(tiny_model_cfg())
-  params = host_params(model)
+  params = random_params(model)
   tokens = np.zeros((1, 16), np.int32)
   apply = jax.jit(model.apply)
   logits_of = lambda positions: np.asarray(apply({'params': params}, tokens, positions))
@@ -165,7 +165,7 @@ def test_a_position_outside_the_row_reads_nan_not_a_wrong_angle():
 @pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE], ids=['llama', 'gemma'])
 def test_changing_a_token_changes_no_earlier_logit(overrides):
   model = model_lib.build_model(tiny_model_cfg(**overrides))
-  params = host_params(model)
+  params = random_params(model)
   tokens = np.random.default_rng(1).integers(0, 256, (1, 16)).astype(np.int32)
   apply = jax.jit(model.apply)
   logits = apply({'params': params}, tokens)
@@ -180,7 +180,7 @@ def test_changing_a_token_changes_no_earlier_logit(overrides):
 @pytest.mark.parametrize('overrides', [{}, GEMMA_LIKE], ids=['llama', 'gemma'])
 def test_packed_documents_do_not_see_each_other(overrides):
   model = model_lib.build_model(tiny_model_cfg(**overrides))
-  params = host_params(model)
+  params = random_params(model)
   batch = random_batch(B=1, docs_per_row=2)
   apply = lambda inputs: jax.jit(model.apply)({'params': params}, inputs, batch['positions'],
                                               batch['segment_ids'])
@@ -197,7 +197,7 @@ def test_packed_documents_do_not_see_each_other(overrides):
 def test_sliding_window_limits_what_local_layers_see():
   cfg = tiny_model_cfg(n_layers=1, sliding_window=4, global_every=0)
   model = model_lib.build_model(cfg)
-  params = host_params(model)
+  params = random_params(model)
   tokens = np.random.default_rng(2).integers(0, 256, (1, 16)).astype(np.int32)
   apply = jax.jit(model.apply)
   logits = apply({'params': params}, tokens)
@@ -244,7 +244,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   cfg = config.base_config()
   cfg.model = tiny_model_cfg()
   model = model_lib.build_model(cfg.model)
-  params = host_params(model)
+  params = random_params(model)
   paths = list(model_lib.flatten_params(params))
   batch = random_batch()
   batch['loss_mask'][:, :3] = 0.0  # Unequal token counts per micro-batch.

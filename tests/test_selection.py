@@ -13,6 +13,7 @@ import pytest
 from lm import config, lora, optim, selection, step
 from lm import model as model_lib
 from lm.config import ConfigError
+from helpers import random_params
 
 N_LAYERS = 3
 
@@ -88,9 +89,9 @@ def test_scanned_and_unscanned_freeze_the_same_slices_and_train_alike():
   runs = {}
   for scan in (False, True):
     model = model_lib.build_model(model_cfg(scan))
-    params = init(model_lib.build_model(model_cfg(False)))
+    params = random_params(model_lib.build_model(model_cfg(False)))
     if scan:
-      params = stacked_like(params, init(model))
+      params = stacked_like(params, random_params(model))
     state, trainable, losses = train(model, params, ft, optim_cfg())
     shapes = {p: x.shape for p, x in model_lib.flatten_params(params).items()}
     runs[scan] = (params, state, trainable, losses, shapes)
