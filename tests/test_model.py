@@ -16,14 +16,17 @@ def loss_and_grads(model, params, batch):
   return jax.jit(jax.value_and_grad(loss_fn))(params, batch)
 
 
-@pytest.mark.parametrize('dims', [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
-def test_loss_and_grads_do_not_depend_on_the_mesh(dims):
-  mcfg = tiny_model_cfg()
-  model = model_lib.build_model(mcfg)
-  params = random_params(model)
-  batch = random_batch()
-  ref_loss, ref_grads = jax.jit(lambda p, b: loss_and_grads(model, p, b))(params, batch)
+@pytest.fixture(scope='module')
+def unsharded():
+  """A model, its params and a batch, with the loss and gradients on one device."""
+  model = model_lib.build_model(tiny_model_cfg())
+  params, batch = random_params(model), random_batch()
+  return model, params, batch, loss_and_grads(model, params, batch)
 
+
+@pytest.mark.parametrize('dims', [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_loss_and_grads_do_not_depend_on_the_mesh(unsharded, dims):
+  model, params, batch, (ref_loss, ref_grads) = unsharded
   mesh_cfg = config.mesh_config()
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = dims
   devices = jax.devices()[:int(np.prod(dims))]
@@ -34,7 +37,7 @@ def test_loss_and_grads_do_not_depend_on_the_mesh(dims):
   sharded_params = jax.device_put(params, param_shardings)
   sharded_batch = sharding.shard_batch(batch, mesh, rules)
   with sharding.activate(mesh, rules):
-    loss, grads = jax.jit(lambda p, b: loss_and_grads(model, p, b))(sharded_params, sharded_batch)
+    loss, grads = loss_and_grads(model, sharded_params, sharded_batch)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for path, g in model_lib.flatten_params(grads).items():
     np.testing.assert_allclose(g, model_lib.flatten_params(ref_grads)[path], rtol=1e-5, atol=1e-7,
