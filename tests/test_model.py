@@ -97,18 +97,24 @@ def test_params_and_adam_state_shrink_with_fsdp():
   assert sharding.per_device_bytes((state.params, state.opt_state)) == planned[8]
 
 
+# Three layers, local and global: a scan over layers that differ.
+LAYERED = dict(n_layers=3, sliding_window=4, global_every=3, rope_local_base=100.0)
+
+
+@pytest.fixture(scope='module')
+def unrolled():
+  """LAYERED unscanned, without remat: its params, a batch of packed rows, loss and grads."""
+  base = model_lib.build_model(tiny_model_cfg(**LAYERED))
+  params, batch = random_params(base), random_batch(docs_per_row=2)
+  return params, batch, loss_and_grads(base, params, batch)
+
+
 @pytest.mark.parametrize('variant', [
     dict(scan_layers=True), dict(remat='full'), dict(remat='save_matmuls'),
     dict(scan_layers=True, remat='full'), dict(scan_layers=True, remat='save_matmuls')])
-def test_scan_and_remat_give_the_same_loss_and_grads(variant):
-  base_cfg = tiny_model_cfg(n_layers=3, sliding_window=4, global_every=3, rope_local_base=100.0)
-  base = model_lib.build_model(base_cfg)
-  params = random_params(base)
-  batch = random_batch(docs_per_row=2)
-  ref_loss, ref_grads = loss_and_grads(base, params, batch)
-
-  cfg = tiny_model_cfg(n_layers=3, sliding_window=4, global_every=3, rope_local_base=100.0,
-                       **variant)
+def test_scan_and_remat_give_the_same_loss_and_grads(unrolled, variant):
+  params, batch, (ref_loss, ref_grads) = unrolled
+  cfg = tiny_model_cfg(**LAYERED, **variant)
   other = model_lib.build_model(cfg)
   other_params = model_lib.stack_layers(params, 3) if cfg.scan_layers else params
   loss, grads = loss_and_grads(other, other_params, batch)
