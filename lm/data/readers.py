@@ -60,10 +60,6 @@ _FIELD_KEYS = {'lm': ('data.text_field',), 'sft': ('data.prompt_field', 'data.co
                'chat': ('data.messages_field',)}
 
 
-def _field_keys(task: str) -> tuple[str, ...]:
-  return _FIELD_KEYS[task]
-
-
 def _fields_for(task: str, d) -> tuple[str, ...]:
   # Called per record: reads only this task's keys (a ConfigDict lookup costs microseconds).
   return tuple(d[key.split('.', 1)[1]] for key in _FIELD_KEYS[task])
@@ -107,7 +103,7 @@ def record_from_object(obj, task: str, d, where: str, on_error: OnError) -> Reco
   if task == 'chat':
     return _chat_record(obj, d, where, on_error)
   values = []
-  for field, key in zip(_fields_for(task, d), _field_keys(task)):
+  for field, key in zip(_fields_for(task, d), _FIELD_KEYS[task]):
     value = _required(obj, field, key, where, on_error)
     if value is None:
       return None
@@ -218,7 +214,7 @@ def _read_parquet(path: epath.Path, task: str, d, on_error: OnError, begin: int 
       if meta.num_rows == 0:
         on_error('empty_file', f'{path}', 'Parquet file has no rows')
         return
-      missing = [(f, k) for f, k in zip(fields, _field_keys(task)) if f not in names]
+      missing = [(f, k) for f, k in zip(fields, _FIELD_KEYS[task]) if f not in names]
       if missing:
         field, key = missing[0]
         on_error('missing_field', f'{path}',
